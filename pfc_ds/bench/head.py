@@ -1,0 +1,273 @@
+"""Head step cost, side by side in one run: pfc_ds against dense baselines and the hardware floor.
+
+    python -m pfc_ds.bench.head [--classes 1000000] [--sweep 100000,300000,1000000,2000000] [--write]
+
+Every variant runs in its own fresh process so its peak RSS is its own. Variants:
+
+* ``pfc_fp32`` / ``pfc_fp16``: pfc_ds PartialFC + SparseSGD, centres (and momentum) in that dtype;
+* ``dense_pfc``: insightface-v2-style Partial FC: ``weight[index]`` on a dense fp32 Parameter and
+  ``torch.optim.SGD`` (dense gradient, dense momentum, passive updates of unsampled rows);
+* ``dense_fc``: the plain model-parallel FC at one rank: every class, dense Parameter + SGD.
+
+The floor is the step's GEMM FLOPs over a GEMM rate measured on the same shapes, plus the bytes
+the sampled rows must move (read and write weight and momentum) over a measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("pfc_fp32", "pfc_fp16", "dense_pfc", "dense_fc")
+LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
+
+
+def _timeit(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _inputs(args):
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(args.batch, args.dim, generator=g).requires_grad_(True)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g)
+    return emb, labels
+
+
+def _pfc_step(args, dtype):
+    import pfc_ds
+
+    margin = pfc_ds.CombinedMarginLoss(64.0, 1.0, 0.0, 0.4)
+    head = pfc_ds.PartialFC(margin, args.dim, args.classes, sample_rate=args.rate, dtype=dtype)
+    opt = pfc_ds.SparseSGD(head, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    emb, labels = _inputs(args)
+
+    def step():
+        head(emb, labels).backward()
+        opt.step()
+        opt.zero_grad()
+        emb.grad = None
+
+    return step
+
+
+def _dense_step(args, rate):
+    """insightface v2 PartialFC style: index a dense Parameter, let autograd build a dense grad."""
+    from pfc_ds.head.margins import CombinedMarginLoss
+    from pfc_ds.head.sampler import ClassSampler
+
+    margin = CombinedMarginLoss(64.0, 1.0, 0.0, 0.4)
+    weight = torch.nn.Parameter(torch.normal(0, 0.01, (args.classes, args.dim)))
+    opt = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    sampler = ClassSampler(args.classes, rate, 0, 0, "cpu")
+    emb, labels = _inputs(args)
+
+    def step():
+        index, target = sampler.sample(labels)
+        sub = weight[index] if rate < 1.0 else weight
+        logits = F.linear(F.normalize(emb), F.normalize(sub)).clamp(-1, 1)
+        F.cross_entropy(margin(logits, target), target).backward()
+        opt.step()
+        opt.zero_grad()
+        emb.grad = None
+
+    return step
+
+
+def _floor(args) -> dict:
+    """GEMM rate on the step's three GEMM shapes and copy bandwidth, measured now."""
+    s = int(args.rate * args.classes)
+    a = torch.randn(args.batch, args.dim)
+    w = torch.randn(s, args.dim)
+    g = torch.randn(args.batch, s)
+
+    def gemms():
+        a @ w.t()  # logits
+        g @ w  # dL/demb
+        g.t() @ a  # dL/drows
+
+    t = _timeit(gemms, args.steps, 2)
+    flops = 3 * 2 * args.batch * args.dim * s
+    src = torch.randn(64 * 1024 * 1024 // 4 * 4)  # 256 MB
+    dst = torch.empty_like(src)
+    tc = _timeit(lambda: dst.copy_(src), args.steps, 2)
+    return {"gemm_flops": flops, "gemm_rate": flops / t, "bandwidth": 2 * src.numel() * 4 / tc}
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = _peak_rss_mb()
+    if args.worker == "floor":
+        return _floor(args)
+    if args.worker.startswith("pfc_"):
+        step = _pfc_step(args, torch.float32 if args.worker == "pfc_fp32" else torch.float16)
+    else:
+        step = _dense_step(args, args.rate if args.worker == "dense_pfc" else 1.0)
+    t = _timeit(step, args.steps, args.warmup)
+    return {"step_s": t, "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": base}
+
+
+def run_variant(args, variant: str, classes: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pfc_ds.bench.head",
+        "--worker",
+        variant,
+        "--classes",
+        str(classes),
+    ]
+    for k in ("dim", "batch", "rate", "steps", "warmup", "threads"):
+        cmd += [f"--{k}", str(getattr(args, k))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def floor_seconds(floor: dict, classes: int, args, storage_bytes: int) -> float:
+    s = int(args.rate * classes)
+    row_bytes = 2 * s * args.dim * 2 * storage_bytes  # read + write, weight + momentum
+    return floor["gemm_flops"] / floor["gemm_rate"] + row_bytes / floor["bandwidth"]
+
+
+def measure(args, classes: int, variants) -> dict:
+    res = {"classes": classes}
+    floors = [run_variant(args, "floor", classes)]
+    for v in variants:
+        res[v] = run_variant(args, v, classes)
+        print(
+            f"  C={classes:>9,} {v:10s} {res[v]['step_s'] * 1e3:9.1f} ms  "
+            f"peak RSS {res[v]['peak_rss_mb']:8.0f} MB",
+            flush=True,
+        )
+    floors.append(run_variant(args, "floor", classes))
+    floor = {k: statistics.mean(f[k] for f in floors) for k in floors[0]}
+    res["floor"] = floor
+    res["floor_fp32_s"] = floor_seconds(floor, classes, args, 4)
+    res["floor_fp16_s"] = floor_seconds(floor, classes, args, 2)
+    return res
+
+
+def render(args, main: dict, sweep: list[dict]) -> str:
+    f = main["floor"]
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads, one process. D={args.dim}, B={args.batch}, r={args.rate}, "
+        f"CosFace s=64 m=0.4, SGD momentum {MOMENTUM}, wd {WD}. Median of {args.steps} steps "
+        f"after {args.warmup} warm-up. Measured {time.strftime('%Y-%m-%d')}. "
+        f"Command: `python -m pfc_ds.bench.head{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.",
+        "",
+        f"Floor at C={main['classes']:,}: GEMM {f['gemm_rate'] / 1e9:.0f} GFLOP/s over "
+        f"{f['gemm_flops'] / 1e9:.1f} GFLOP, copy bandwidth {f['bandwidth'] / 1e9:.1f} GB/s "
+        f"(read + write) → {main['floor_fp32_s'] * 1e3:.0f} ms (fp32 rows), "
+        f"{main['floor_fp16_s'] * 1e3:.0f} ms (fp16 rows).",
+        "",
+        "| variant | step ms | peak RSS MB | step / dense_pfc | step / floor | RSS / dense_pfc |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = main["dense_pfc"]
+    for v in VARIANTS:
+        if v not in main:
+            continue
+        r = main[v]
+        fl = main["floor_fp16_s"] if v == "pfc_fp16" else main["floor_fp32_s"]
+        lines.append(
+            f"| {v} | {r['step_s'] * 1e3:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['step_s'] / base['step_s']:.3f} | {r['step_s'] / fl:.2f} | "
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Peak RSS of a process that has only imported torch: {base['import_rss_mb']:.0f} MB."
+    )
+    if sweep:
+        lines += [
+            "",
+            "Sweep over C (step ms / peak RSS MB):",
+            "",
+            "| C | " + " | ".join(v for v in VARIANTS if v in sweep[0]) + " | floor fp32 ms |",
+            "|---" * (2 + sum(v in sweep[0] for v in VARIANTS)) + "|",
+        ]
+        for r in sweep:
+            cells = [
+                f"{r[v]['step_s'] * 1e3:.0f} / {r[v]['peak_rss_mb']:.0f}"
+                for v in VARIANTS
+                if v in r
+            ]
+            lines.append(
+                f"| {r['classes']:,} | " + " | ".join(cells) + f" | {r['floor_fp32_s'] * 1e3:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    text = path.read_text()
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--classes", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rate", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--sweep", default="", help="comma-separated class counts, e.g. 100000,2000000")
+    p.add_argument("--sweep-dense-fc", action="store_true", help="include dense_fc in the sweep")
+    p.add_argument("--skip-dense-fc", action="store_true")
+    p.add_argument("--write", action="store_true", help="rewrite the head section of BENCHMARKS.md")
+    p.add_argument("--worker", choices=(*VARIANTS, "floor"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    variants = [v for v in VARIANTS if not (args.skip_dense_fc and v == "dense_fc")]
+    print(f"main point C={args.classes:,}", flush=True)
+    main_res = measure(args, args.classes, variants)
+    sweep = []
+    for c in [int(x) for x in args.sweep.split(",") if x]:
+        print(f"sweep C={c:,}", flush=True)
+        vs = [v for v in VARIANTS if v != "dense_fc" or args.sweep_dense_fc]
+        sweep.append(
+            main_res if c == args.classes and len(vs) <= len(variants) else measure(args, c, vs)
+        )
+    table = render(args, main_res, sweep)
+    print()
+    print(table)
+    if args.write:
+        write_section(Path(__file__).resolve().parents[2] / "BENCHMARKS.md", "head", table)
+
+
+if __name__ == "__main__":
+    main()

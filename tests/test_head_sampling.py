@@ -1,0 +1,149 @@
+"""Partial sampling (r < 1): positives kept, uniform negatives, no passive update, accumulation."""
+
+import pytest
+import torch
+
+import pfc_ds
+from pfc_ds.head.sampler import ClassSampler
+from tests import reference as ref
+
+D = 16
+S, M2, M3 = 64.0, 0.0, 0.4
+LR, MOM, WD = 0.1, 0.9, 5e-4
+
+
+def make_head(num_classes=1000, sample_rate=0.1, **kw):
+    margin = pfc_ds.CombinedMarginLoss(S, 1.0, M2, M3)
+    return pfc_ds.PartialFC(margin, D, num_classes, sample_rate=sample_rate, **kw)
+
+
+def batch(seed, n=32, num_classes=1000):
+    g = torch.Generator().manual_seed(20_000 + seed)
+    return torch.randn(n, D, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def test_positives_count_and_sorted_remap():
+    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0, device="cpu")
+    positives = torch.tensor([5, 999, 5, 0, 417])
+    index, remap = sampler.sample(positives)
+    assert len(index) == 100 and len(set(index.tolist())) == 100
+    assert torch.equal(index, index.sort().values)
+    assert torch.equal(index[remap], positives)
+
+
+def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_only():
+    many = torch.arange(0, 1000, 7)  # 143 positives > 100 slots
+    index, _ = ClassSampler(1000, 0.1, 0, 0, "cpu").sample(many)
+    assert torch.equal(index, many)
+    index, remap = ClassSampler(1000, 0.0, 0, 0, "cpu").sample(torch.tensor([9, 3, 9]))
+    assert index.tolist() == [3, 9] and remap.tolist() == [1, 0, 1]
+
+
+def test_negatives_are_uniform_chi_square():
+    num_local, draws = 200, 3000
+    sampler = ClassSampler(num_local, 0.1, seed=1, rank=0, device="cpu")
+    positives = torch.tensor([3, 50, 51, 120, 199])
+    counts = torch.zeros(num_local)
+    for _ in range(draws):
+        index, _ = sampler.sample(positives)
+        counts[index] += 1
+    assert torch.all(counts[positives] == draws)
+    negatives = torch.ones(num_local, dtype=torch.bool)
+    negatives[positives] = False
+    observed = counts[negatives]
+    expected = draws * (20 - 5) / (num_local - 5)
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    dof = int(negatives.sum()) - 1
+    # mean dof, sd sqrt(2 dof) ~ 19.7: 5 sd above the mean is p < 1e-6 for a uniform sampler
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, chi2
+    assert chi2 > dof - 5 * (2 * dof) ** 0.5, chi2  # not suspiciously regular either
+
+
+def test_loss_equals_reference_on_sampled_submatrix():
+    head = make_head()
+    w0 = head.weight.clone()
+    emb, labels = batch(0)
+    loss = head(emb, labels)
+    index = head.pending[0].index
+    assert set(labels.tolist()) <= set(index.tolist()) and len(index) == 100
+    sub_labels = torch.searchsorted(index, labels)
+    ref_loss, _, _ = ref.loss_and_grads(emb, w0[index], sub_labels, S, M2, M3)
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5
+
+
+def test_rows_not_sampled_stay_bit_identical():
+    head = make_head()
+    opt = pfc_ds.SparseSGD(head, lr=LR, momentum=MOM, weight_decay=WD)
+    w_init = head.weight.clone()
+    touched = torch.zeros(1000, dtype=torch.bool)
+    for step in range(2):
+        w_before = head.weight.clone()
+        m_before = None if head.momentum is None else head.momentum.clone()
+        emb, labels = batch(step)
+        head(emb, labels).backward()
+        index = head.pending[0].index
+        assert opt.step()
+        opt.zero_grad()
+        untouched = torch.ones(1000, dtype=torch.bool)
+        untouched[index] = False
+        touched[index] = True
+        assert torch.equal(head.weight[untouched], w_before[untouched])
+        assert not torch.equal(head.weight[index], w_before[index])
+        if m_before is not None:
+            assert torch.equal(head.momentum[untouched], m_before[untouched])
+    never = ~touched
+    assert never.any()
+    assert torch.equal(head.weight[never], w_init[never])
+    assert torch.count_nonzero(head.momentum[never]) == 0
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, torch.float32])
+def test_gradient_accumulation_updates_union_like_sgd(momentum_dtype):
+    head = make_head(momentum_dtype=momentum_dtype)
+    opt = pfc_ds.SparseSGD(head, lr=LR, momentum=MOM, weight_decay=WD)
+    # One ordinary step first, so the accumulated step also exercises existing momentum.
+    emb, labels = batch(10)
+    head(emb, labels).backward()
+    opt.step()
+    opt.zero_grad()
+    w0, m0 = head.weight.clone().double(), head.momentum.clone().double()
+
+    micro = [batch(11), batch(12)]
+    for emb, labels in micro:
+        (head(emb, labels) / 2).backward()
+    idx = [p.index for p in head.pending]
+    assert not torch.equal(idx[0], idx[1])
+    assert opt.step()
+    union = torch.unique(torch.cat(idx))
+
+    p = torch.nn.Parameter(w0[union].clone())
+    sgd = torch.optim.SGD([p], lr=LR, momentum=MOM, weight_decay=WD)
+    sgd.state[p]["momentum_buffer"] = m0[union].clone()
+    for (emb, labels), index in zip(micro, idx, strict=True):
+        sub = p[torch.searchsorted(union, index)]
+        (
+            ref.margin_ce(emb.double(), sub, torch.searchsorted(index, labels), S, M2, M3) / 2
+        ).backward()
+    sgd.step()
+    assert ref.rel_err(head.weight[union], p.detach()) < 1e-5
+    assert ref.rel_err(head.momentum[union], sgd.state[p]["momentum_buffer"]) < 1e-5
+    rest = torch.ones(1000, dtype=torch.bool)
+    rest[union] = False
+    assert torch.equal(head.weight[rest].double(), w0[rest])
+    assert torch.equal(head.momentum[rest].double(), m0[rest])
+
+
+def test_sampler_rng_is_checkpointed():
+    a = make_head(seed=7)
+    emb, labels = batch(0)
+    a(emb, labels)
+    state = a.state_dict()
+    a(emb, labels)
+    b = make_head(seed=7)
+    b.load_state_dict(state)
+    b(emb, labels)
+    assert torch.equal(a.pending[-1].index, b.pending[-1].index)
+    c = make_head(seed=8)
+    c(emb, labels)
+    c(emb, labels)
+    assert not torch.equal(a.pending[-1].index, c.pending[-1].index)
