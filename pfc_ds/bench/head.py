@@ -203,21 +203,21 @@ def render(args, main: dict, sweep: list[dict]) -> str:
         f"Peak RSS of a process that has only imported torch: {base['import_rss_mb']:.0f} MB."
     )
     if sweep:
+        cols = [v for v in VARIANTS if all(v in r for r in sweep)]
         lines += [
             "",
-            "Sweep over C (step ms / peak RSS MB):",
+            "Sweep over C (step ms / peak RSS MB; floor measured alongside each row):",
             "",
-            "| C | " + " | ".join(v for v in VARIANTS if v in sweep[0]) + " | floor fp32 ms |",
-            "|---" * (2 + sum(v in sweep[0] for v in VARIANTS)) + "|",
+            "| C | " + " | ".join(cols) + " | floor fp32 ms | pfc_fp16 / dense_pfc |",
+            "|---" * (len(cols) + 3) + "|",
         ]
         for r in sweep:
-            cells = [
-                f"{r[v]['step_s'] * 1e3:.0f} / {r[v]['peak_rss_mb']:.0f}"
-                for v in VARIANTS
-                if v in r
-            ]
+            cells = [f"{r[v]['step_s'] * 1e3:.0f} / {r[v]['peak_rss_mb']:.0f}" for v in cols]
+            ratio = r["pfc_fp16"]["step_s"] / r["dense_pfc"]["step_s"]
             lines.append(
-                f"| {r['classes']:,} | " + " | ".join(cells) + f" | {r['floor_fp32_s'] * 1e3:.0f} |"
+                f"| {r['classes']:,} | "
+                + " | ".join(cells)
+                + f" | {r['floor_fp32_s'] * 1e3:.0f} | {ratio:.3f} |"
             )
     return "\n".join(lines)
 

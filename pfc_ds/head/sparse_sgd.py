@@ -27,6 +27,7 @@ class SparseSGD:
         self.head = head
         self.param_groups = [{"lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
         self._collected: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._nonfinite: bool | None = None
 
     def _collect(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, grad, weights)`` over the union of pending rows, fp32, in workspace buffers."""
@@ -51,6 +52,7 @@ class SparseSGD:
             weights = head.bank.gather(union, out=ws.get("union_rows", grad.shape, torch.float32))
             out = (union, grad, weights)
         self._collected = (key, *out)
+        self._nonfinite = None
         return out
 
     def has_nonfinite(self) -> bool:
@@ -60,7 +62,9 @@ class SparseSGD:
         below the ~1e30 average magnitude at which an fp32 sum of S x D terms could overflow.
         """
         _, grad, _ = self._collect()
-        return not bool(torch.isfinite(grad.sum()))
+        if self._nonfinite is None:
+            self._nonfinite = not bool(torch.isfinite(grad.sum()))
+        return self._nonfinite
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> bool:

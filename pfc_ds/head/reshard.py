@@ -1,0 +1,126 @@
+"""Move head shards between world sizes: every global class row keeps its weight and momentum.
+
+Pure torch over the head's ``state_dict()`` format (``weight``, ``momentum``, ``rng``, ``meta``).
+Rows are copied, never recomputed, so a reshard is bit-exact and ``reshard(reshard(s, 3), 2)``
+equals ``reshard(s, 2)``.
+
+The sampler RNG cannot be carried over: W old generators do not map onto W' new ones. Each new
+rank's generator is re-seeded from ``(seed, dst_world, dst_rank)`` (see ``resharded_rng``), so a
+resharded run is deterministic for a given seed; the trainer passes a seed derived from its
+config seed and the step of the checkpoint. With ``sample_rate = 1`` the RNG is never drawn from
+and nothing changes at all. The optional ``rounding_rng`` (bf16 stochastic rounding) is dropped,
+so the new head keeps the one it was built with. A reshard to the *same* world size keeps every
+RNG state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pfc_ds.head.sharding import overlaps, shard_range
+
+Shard = dict
+
+
+def shard_meta(shards: Sequence[Shard]) -> tuple[int, int, int]:
+    """``(num_classes, embedding_size, world_size)`` of a complete, consistent set of shards."""
+    if not shards:
+        raise ValueError("no head shards given")
+    metas = [s["meta"] for s in shards]
+    num_classes, emb, world = (metas[0][k] for k in ("num_classes", "embedding_size", "world_size"))
+    if len(shards) != world:
+        raise ValueError(f"got {len(shards)} shard(s) of a {world}-rank head")
+    for rank, meta in enumerate(metas):
+        start, num = shard_range(num_classes, world, rank)
+        want = {
+            "num_classes": num_classes,
+            "embedding_size": emb,
+            "world_size": world,
+            "rank": rank,
+            "class_start": start,
+            "num_local": num,
+        }
+        wrong = {k: meta.get(k) for k, v in want.items() if meta.get(k) != v}
+        if wrong:
+            raise ValueError(f"shard {rank} does not fit a {world}-rank head: {wrong}, want {want}")
+    return num_classes, emb, world
+
+
+def resharded_rng(seed: int, dst_world: int, dst_rank: int) -> torch.Tensor:
+    """Generator state of ``dst_rank`` after a reshard to ``dst_world`` ranks."""
+    mixed = (seed * 1_000_003 + dst_world * 7_919 + dst_rank * 104_729 + 17) % (2**63)
+    return torch.Generator().manual_seed(mixed).get_state()
+
+
+def reshard_shard(
+    load: Callable[[int], Shard],
+    *,
+    num_classes: int,
+    embedding_size: int,
+    src_world: int,
+    dst_world: int,
+    dst_rank: int,
+    seed: int = 0,
+) -> Shard:
+    """Build ``dst_rank``'s shard of a ``dst_world`` split, loading only overlapping sources.
+
+    ``load(src_rank)`` returns that source shard (it may memory-map it; only the overlapping rows
+    are copied). Rows keep their storage dtype; momentum is ``None`` only if it is ``None`` in
+    every overlapping source, otherwise missing momentum rows are zeros, which is what SGD with
+    momentum holds for a row never updated.
+    """
+    start, num = shard_range(num_classes, dst_world, dst_rank)
+    pieces = [
+        (load(src), src_rows, dst_rows)
+        for src, src_rows, dst_rows in overlaps(num_classes, src_world, dst_world, dst_rank)
+    ]
+    first = pieces[0][0]
+    weight = torch.empty(num, embedding_size, dtype=first["weight"].dtype)
+    moms = [p[0]["momentum"] for p in pieces if p[0]["momentum"] is not None]
+    momentum = torch.zeros(num, embedding_size, dtype=moms[0].dtype) if moms else None
+    for shard, src_rows, dst_rows in pieces:
+        if tuple(shard["weight"].shape[1:]) != (embedding_size,):
+            raise ValueError(f"shard weight has shape {tuple(shard['weight'].shape)}")
+        weight[dst_rows] = shard["weight"][src_rows].to(weight.dtype)
+        if momentum is not None and shard["momentum"] is not None:
+            momentum[dst_rows] = shard["momentum"][src_rows].to(momentum.dtype)
+    extra = {}
+    if src_world == dst_world:
+        rng = first["rng"].clone()
+        if first.get("rounding_rng") is not None:
+            extra["rounding_rng"] = first["rounding_rng"].clone()
+    else:
+        rng = resharded_rng(seed, dst_world, dst_rank)
+    meta = {
+        "num_classes": num_classes,
+        "world_size": dst_world,
+        "rank": dst_rank,
+        "class_start": start,
+        "num_local": num,
+        "embedding_size": embedding_size,
+    }
+    return {"weight": weight, "momentum": momentum, "rng": rng, "meta": meta, **extra}
+
+
+def reshard(shards: Sequence[Shard], dst_world: int, *, seed: int = 0) -> list[Shard]:
+    """All shards of a ``dst_world`` split, from a complete set of source shards."""
+    num_classes, emb, src_world = shard_meta(shards)
+    return [
+        reshard_shard(
+            shards.__getitem__,
+            num_classes=num_classes,
+            embedding_size=emb,
+            src_world=src_world,
+            dst_world=dst_world,
+            dst_rank=rank,
+            seed=seed,
+        )
+        for rank in range(dst_world)
+    ]
+
+
+def consolidate(shards: Sequence[Shard]) -> Shard:
+    """The whole head as one shard (``world_size`` 1): full ``weight`` and ``momentum``."""
+    return reshard(shards, 1)[0]
