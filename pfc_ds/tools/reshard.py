@@ -1,0 +1,98 @@
+"""Reshard or consolidate Partial FC head shards offline.
+
+    python -m pfc_ds.tools.reshard SRC --world-size N --output DST [--seed S]
+    python -m pfc_ds.tools.reshard SRC --consolidate --output head.pt
+
+``SRC`` is a checkpoint tag folder written by the trainer (``head_shard_*_of_*.pt``) or any
+folder of such files. ``--world-size N`` writes ``N`` shards in the same naming into ``DST``;
+a trainer resumed at ``N`` ranks would do the same by itself, so the tool is for inspection,
+export and moving a head into another job. ``--consolidate`` writes one file holding the full
+``weight`` (and ``momentum``) in global class order. Every row keeps its weight and momentum;
+see ``pfc_ds.head.reshard`` for how the sampler RNG is re-seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from pfc_ds.head.reshard import consolidate, reshard, shard_meta
+
+SHARD_RE = re.compile(r"head_shard_(\d+)_of_(\d+)\.pt$")
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"head_shard_{rank:05d}_of_{world_size:05d}.pt"
+
+
+def find_shards(folder: str | os.PathLike) -> list[Path]:
+    """The shard files of ``folder`` in rank order; raises if the set is incomplete."""
+    found: dict[int, Path] = {}
+    worlds = set()
+    for path in Path(folder).iterdir():
+        m = SHARD_RE.match(path.name)
+        if m:
+            found[int(m.group(1))] = path
+            worlds.add(int(m.group(2)))
+    if not found:
+        raise FileNotFoundError(f"no head_shard_*_of_*.pt files in {folder}")
+    if len(worlds) != 1:
+        raise ValueError(f"{folder} mixes shards of world sizes {sorted(worlds)}")
+    world = worlds.pop()
+    missing = sorted(set(range(world)) - set(found))
+    if missing:
+        raise FileNotFoundError(f"{folder}: shards of rank(s) {missing} of {world} are missing")
+    return [found[r] for r in range(world)]
+
+
+def load_shard(path: str | os.PathLike) -> dict:
+    """Memory-mapped load: a reshard copies only the rows it needs."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pfc_ds.tools.reshard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="folder with head_shard_*_of_*.pt files")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--world-size", type=int, help="number of shards to write")
+    mode.add_argument("--consolidate", action="store_true", help="write one full-head file")
+    p.add_argument("--output", required=True, help="folder (--world-size) or file (--consolidate)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new sampler RNGs")
+    args = p.parse_args(argv)
+
+    shards = [load_shard(f) for f in find_shards(args.src)]
+    num_classes, emb, world = shard_meta(shards)
+    if args.consolidate:
+        full = consolidate(shards)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(full, args.output)
+        print(f"wrote {args.output}: {num_classes} classes x {emb} from {world} shard(s)")
+        return 0
+    if args.world_size < 1 or args.world_size > num_classes:
+        p.error(f"--world-size must be in [1, {num_classes}], got {args.world_size}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for rank, shard in enumerate(reshard(shards, args.world_size, seed=args.seed)):
+        atomic_save(shard, out / shard_name(rank, args.world_size))
+    print(f"wrote {args.world_size} shard(s) of {num_classes} classes x {emb} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training config: typed dataclasses loaded from YAML, with ``--set a.b=v`` overrides.
+
+Every error names the offending key (``optim.name``) and what is allowed there, so a typo in a
+100-line YAML file is a one-line fix. The DeepSpeed JSON stays separate and holds only what
+DeepSpeed owns (precision, ZeRO stage, clipping); batch sizes come from here and are written
+into it by ``engine.build_ds_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_SOURCES = ("synthetic", "rec", "folder")
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = ("fp32", "fp16", "bf16")
+GEMM_DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the training config; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "r50"  # any name registered in pfc_ds.backbones
+    embedding_size: int = 512
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    pretrained: str | None = None  # backbone weights to fine-tune from; the head starts fresh
+    options: dict = field(default_factory=dict)  # extra get_backbone() keywords
+
+
+@dataclass
+class HeadConfig:
+    margin: list = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3): ArcFace
+    scale: float = 64.0
+    sample_rate: float = 1.0
+    interclass_filtering_threshold: float = 0.0
+    dtype: str = "fp32"  # storage dtype of the class centres
+    momentum_dtype: str | None = None  # None: the storage dtype
+    gemm_dtype: str = "auto"  # auto: the engine's precision
+    # SparseSGD hyper-parameters; None takes optim.* (required when optim.name is adamw).
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    num_classes: int = 1000
+    num_images: int = 100_000  # one epoch; synthetic: how many global sample indices
+    image_size: int = 112
+    seed: int = 0
+    # rec/folder: every other key under `data:` goes to data_pipelines.config.DataConfig.
+    pipeline: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1  # base LR at the end of warmup
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 0.0
+    power: float = 1.0  # polynomial decay exponent (insightface: 1)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # per rank, per micro-step
+    grad_accum: int = 1
+    epochs: float = 20.0
+    max_steps: int | None = None  # optimizer steps; overrides the epoch count for the run length
+    seed: int = 2048
+    output: str = "runs/default"
+    deepspeed: str | None = None  # default DeepSpeed JSON; --deepspeed_config overrides it
+    log_every: int = 50
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at the end only
+    keep_last: int = 2  # checkpoints to keep; 0 keeps all
+    tensorboard: bool = False
+    max_skipped_steps: int = 50  # fp16: consecutive overflow skips before giving up
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = _build(cls, d or {}, "")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def head_hparams(self) -> tuple[float, float, float]:
+        """``(lr, momentum, weight_decay)`` of the head's SparseSGD."""
+        h, o = self.head, self.optim
+        if o.name != "sgd" and None in (h.lr, h.momentum, h.weight_decay):
+            raise ConfigError(
+                "head.lr, head.momentum and head.weight_decay must be set when optim.name is "
+                f"{o.name!r}: the head always trains with SparseSGD"
+            )
+        pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
+        return pick(h.lr, o.lr), pick(h.momentum, o.momentum), pick(h.weight_decay, o.weight_decay)
+
+    def validate(self) -> None:
+        _choice("data.source", self.data.source, DATA_SOURCES)
+        _choice("optim.name", self.optim.name, OPTIMIZERS)
+        _choice("head.dtype", self.head.dtype, DTYPES)
+        _choice("head.momentum_dtype", self.head.momentum_dtype, (None, *DTYPES))
+        _choice("head.gemm_dtype", self.head.gemm_dtype, GEMM_DTYPES)
+        if len(self.head.margin) != 3:
+            raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
+        if not 0.0 < self.head.sample_rate <= 1.0:
+            raise ConfigError(f"head.sample_rate must be in (0, 1], got {self.head.sample_rate}")
+        for key, value in (
+            ("model.embedding_size", self.model.embedding_size),
+            ("data.num_classes", self.data.num_classes),
+            ("data.num_images", self.data.num_images),
+            ("data.image_size", self.data.image_size),
+            ("train.batch_size", self.train.batch_size),
+            ("train.grad_accum", self.train.grad_accum),
+            ("train.log_every", self.train.log_every),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.train.max_steps is not None and self.train.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.train.max_steps}")
+        if self.optim.lr < 0 or self.optim.weight_decay < 0 or self.optim.warmup_epochs < 0:
+            raise ConfigError("optim.lr, optim.weight_decay and optim.warmup_epochs must be >= 0")
+        if self.data.source == "synthetic" and self.data.pipeline:
+            raise ConfigError(
+                f"data.{next(iter(self.data.pipeline))} is not a key of the synthetic source; "
+                f"allowed: {', '.join(_field_names(DataConfig, skip=('pipeline',)))}"
+            )
+        self.head_hparams()
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return Config.from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``a.b=v`` sets ``raw['a']['b'] = yaml(v)``; the key is checked when the config is built."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+# ---- building dataclasses from dicts -----------------------------------------------------------
+
+
+def _field_names(cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {shown}")
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+    names = _field_names(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if key not in names or (cls is DataConfig and key == "pipeline"):
+            if cls is DataConfig:
+                extra[key] = value  # rec/folder pipeline options, checked by data_pipelines
+                continue
+            raise ConfigError(f"unknown key {path!r}; allowed: {', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path + ".")
+        else:
+            kwargs[key] = _coerce(path, value, hint)
+    if extra:
+        kwargs["pipeline"] = extra
+    return cls(**kwargs)
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    optional = type(None) in args and (
+        typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+    )
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path} must not be null")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif base is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - a field type this loader does not know
+        raise TypeError(f"{path}: unsupported field type {hint}")
+    want = base.__name__ + (" or null" if optional else "")
+    raise ConfigError(f"{path} must be {want}, got {value!r}")

@@ -1,0 +1,323 @@
+"""The backbone's DeepSpeed engine and the head's lockstep with it.
+
+The Partial FC head lives outside ZeRO (its rows are model-parallel, not data-parallel), so
+everything DeepSpeed does to the backbone's gradients around an optimizer step must be mirrored
+on the head by hand. ``Lockstep.micro_step`` runs one micro-batch and, at an accumulation
+boundary, one optimizer step of both:
+
+* **Loss scale.** The head's row gradients carry whatever factor the backward applied to the
+  loss. A hook on the loss tensor reads that factor ``f`` (= scale / gas) every micro-step, and
+  the head steps with ``grad_scale = f * gas``, so it sees exactly the mean gradient the backbone
+  sees at every ZeRO stage and precision. DeepSpeed 0.19.8 scales the loss inside
+  ``engine.backward`` only for ZeRO optimizers; at stage 0 its fp16 optimizers neither scale the
+  loss nor skip the unscale, so the backbone would move by 1/scale and never overflow. We
+  therefore scale the loss by ``cur_scale`` ourselves at stage 0 under fp16.
+* **Overflow.** A hook on the embeddings fires when the head's backward is done; it all-reduces
+  (MAX) a flag "this rank's pending row gradients or the loss are non-finite". Under fp16 a set
+  flag turns the embedding gradient to NaN on every rank, so DeepSpeed's own overflow check
+  skips the backbone step and moves the loss scale exactly once; the head skips whenever the
+  engine reports ``was_step_applied() == False``, for whichever reason. Under fp32/bf16 there is
+  nothing to skip to: a non-finite loss or gradient raises ``FloatingPointError`` naming the step.
+* **Accumulation.** Row gradients of all micro-batches stay pending in the head (it keeps the
+  union) until ``engine.is_gradient_accumulation_boundary()``; ``engine.backward`` already
+  divides the loss by the accumulation steps once (insightface #2140).
+* **LR.** Set from the schedule on both optimizers right before the boundary ``engine.step()``:
+  once per optimizer step, never per micro-batch (insightface #1996).
+* **Clipping** of the backbone is DeepSpeed's (``gradient_clipping`` in the JSON); the head is
+  not clipped, as in insightface.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pfc_ds.train.config import Config, ConfigError
+from pfc_ds.train.metrics import StepTimer
+from pfc_ds.train.schedule import PolynomialLRWarmup
+
+log = logging.getLogger("pfc_ds.train")
+
+# DeepSpeed defaults gradient_clipping to 1.0 when the key is absent; make users say it.
+_CLIP_DEFAULT = 1.0
+
+
+def load_ds_config(source: str | os.PathLike | dict | None) -> dict[str, Any]:
+    if source is None:
+        raise ConfigError(
+            "no DeepSpeed config: pass --deepspeed_config FILE or set train.deepspeed in the YAML"
+        )
+    if isinstance(source, dict):
+        return json.loads(json.dumps(source))
+    with open(source) as f:
+        return json.load(f)
+
+
+def build_ds_config(source, cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON with the YAML's batch sizes written in; checks what would clash."""
+    ds = load_ds_config(source)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"DeepSpeed config has a {key!r} section; the optimizer and LR schedule come from "
+                "the YAML (optim.*) so backbone and head follow one schedule; remove it"
+            )
+    want = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size,
+    }
+    for key, value in want.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(
+                f"DeepSpeed config sets {key}={ds[key]} but the YAML gives {value} "
+                "(train.batch_size, train.grad_accum, world size); drop it from the JSON"
+            )
+        ds[key] = value
+    if "gradient_clipping" not in ds:
+        log.warning(
+            "DeepSpeed config has no gradient_clipping; DeepSpeed then clips at %s",
+            _CLIP_DEFAULT,
+        )
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError("DeepSpeed config enables both fp16 and bf16; pick one")
+    if ds.get("zero_optimization", {}).get("stage", 0) > 0:
+        ds.setdefault("zero_allow_untested_optimizer", True)  # torch SGD/AdamW under ZeRO
+    ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; keep DeepSpeed quiet
+    return ds
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """torch SGD/AdamW (no JIT-compiled DeepSpeed op needed), all parameters in one group."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def initialize(model: torch.nn.Module, optimizer, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def precision(engine) -> str:
+    if engine.fp16_enabled():
+        return "fp16"
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp32"
+
+
+def loss_scale(engine) -> float | None:
+    """The engine's current fp16 loss scale (``None`` without one)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    cfg = getattr(opt, "loss_scale_config", None)
+    if cfg is not None:
+        return float(cfg.cur_scale)
+    return float(opt.cur_scale)
+
+
+def engine_scales_loss(engine) -> bool:
+    """Whether ``engine.backward`` multiplies the loss by the loss scale (DeepSpeed 0.19.8)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    return isinstance(engine.optimizer, ZeROOptimizer) or (
+        getattr(engine, "torch_autocast_z0_gradscaler", None) is not None
+    )
+
+
+def full_backbone_state(engine) -> dict[str, torch.Tensor]:
+    """fp32 copy of the backbone's parameters (gathered under ZeRO) and buffers, on CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    fp32_groups = None
+    if engine.zero_optimization_stage() == 0 and engine.fp16_enabled():
+        # FP16_(Unfused)Optimizer keeps its fp32 masters in groups parallel to the params.
+        fp32_groups = {
+            id(p): m
+            for g16, g32 in zip(
+                engine.optimizer.fp16_groups, engine.optimizer.fp32_groups, strict=True
+            )
+            for p, m in zip(g16, g32, strict=True)
+        }
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None and fp32_groups is not None:
+            full = fp32_groups.get(id(p))
+        if full is None:
+            full = p
+        out[name] = full.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
+
+
+@dataclass
+class StepResult:
+    boundary: bool
+    loss: float  # the global-batch loss of this micro-batch (identical on every rank)
+    applied: bool = True  # at a boundary: whether both optimizers stepped
+    lr: float | None = None
+    loss_scale: float | None = None
+
+
+class Lockstep:
+    """Runs micro-batches through backbone engine -> head -> loss -> backward -> both steps."""
+
+    def __init__(
+        self,
+        engine,
+        head,
+        head_optimizer,
+        schedule: PolynomialLRWarmup,
+        base_lrs: tuple[float, float],
+        *,
+        timer: StepTimer | None = None,
+    ) -> None:
+        self.engine = engine
+        self.head = head
+        self.head_optimizer = head_optimizer
+        self.schedule = schedule
+        self.base_lr, self.head_base_lr = base_lrs
+        self.timer = timer or StepTimer()
+        self.precision = precision(engine)
+        self.gas = engine.gradient_accumulation_steps()
+        self.manual_scale = self.precision == "fp16" and not engine_scales_loss(engine)
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.precision, torch.float32
+        )
+        self._factors: list[float] = []
+        self._nonfinite = False
+        self._poison = False
+        self._marks: dict[str, float] = {}
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _loss_hook(self, grad: torch.Tensor) -> None:
+        self._marks["bwd_start"] = time.perf_counter()
+        self._factors.append(float(grad))
+
+    def _embedding_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Runs after the head's backward (its pending row grads are complete)."""
+        self._marks["head_bwd_end"] = time.perf_counter()
+        bad = self._poison or self.head_optimizer.has_nonfinite()
+        flag = torch.tensor([1.0 if bad else 0.0], device=grad.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self._nonfinite = True
+            if self.precision == "fp16":
+                return torch.full_like(grad, float("nan"))
+        return None
+
+    # ---- one micro-batch -------------------------------------------------------------------
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
+        """Forward/backward one micro-batch; at a boundary also step both optimizers.
+
+        ``step`` is the 0-based index of the optimizer step this micro-batch belongs to (for
+        the LR); messages print it 1-based, like the progress line.
+        """
+        engine, t = self.engine, time.perf_counter
+        boundary = engine.is_gradient_accumulation_boundary()
+        device = engine.device
+        images = images.to(device, self.input_dtype, non_blocking=True)
+        labels = labels.to(device, torch.long, non_blocking=True)
+
+        t0 = t()
+        embeddings = engine(images)
+        t1 = t()
+        if embeddings.requires_grad:
+            embeddings.register_hook(self._embedding_hook)
+        loss = self.head(embeddings, labels)
+        t2 = t()
+        loss_value = float(loss.detach())
+        self._poison = not math.isfinite(loss_value)
+        loss.register_hook(self._loss_hook)
+        scaled = loss * loss_scale(engine) if self.manual_scale else loss
+        self._marks.clear()
+        engine.backward(scaled)
+        t3 = t()
+        bwd_start = self._marks.get("bwd_start", t2)
+        head_end = self._marks.get("head_bwd_end", bwd_start)
+        self.timer.add("backbone", (t1 - t0) + (bwd_start - t2) + (t3 - head_end))
+        self.timer.add("head", (t2 - t1) + (head_end - bwd_start))
+
+        if self._nonfinite and self.precision != "fp16":
+            raise FloatingPointError(
+                f"non-finite loss or head gradient at step {step + 1} (loss {loss_value}) under "
+                f"{self.precision}; there is no loss scale to back off. Lower optim.lr or check "
+                "the data"
+            )
+        if not boundary:
+            engine.step()  # DeepSpeed counts micro-steps here; no update happens
+            self.timer.add("optimizer", t() - t3)
+            return StepResult(boundary=False, loss=loss_value)
+        return self._optimizer_step(step, loss_value, t3)
+
+    def _optimizer_step(self, step: int, loss_value: float, t3: float) -> StepResult:
+        engine = self.engine
+        factor = self.schedule.factor(step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = self.base_lr * factor
+        self.head_optimizer.param_groups[0]["lr"] = self.head_base_lr * factor
+        # Factor the loss was scaled by, per micro-batch; constant within a window.
+        f = self._factors[-1] if self._factors else 1.0 / self.gas
+        if any(abs(x - f) > 1e-6 * abs(f) for x in self._factors):
+            raise RuntimeError(f"loss scale changed inside an accumulation window: {self._factors}")
+        scale_before = loss_scale(engine)
+        engine.step()
+        applied = engine.was_step_applied()
+        # grad_scale = f * gas: the head's rows hold sum_i f * dL_i/drows over gas micro-batches.
+        if applied and not self.head_optimizer.step(grad_scale=f * self.gas):
+            raise RuntimeError(
+                f"step {step + 1}: the engine stepped but the head found non-finite gradients "
+                "its overflow flag had not reported"
+            )
+        self.head_optimizer.zero_grad()  # after a skip: drop the window's rows
+        self._factors.clear()
+        self._nonfinite = False
+        self.timer.add("optimizer", time.perf_counter() - t3)
+        return StepResult(
+            boundary=True,
+            loss=loss_value,
+            applied=applied,
+            lr=self.base_lr * factor,
+            loss_scale=scale_before,
+        )
+
+
+def ds_config_summary(ds: dict) -> str:
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    prec = (
+        "fp16"
+        if ds.get("fp16", {}).get("enabled")
+        else ("bf16" if ds.get("bf16", {}).get("enabled") else "fp32")
+    )
+    off = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return f"ZeRO-{zero} {prec} offload={off} clip={ds.get('gradient_clipping', _CLIP_DEFAULT)}"
+
+
+def resolve_path(p: str | None, base: Path) -> str | None:
+    if p is None:
+        return None
+    path = Path(p)
+    return str(path if path.is_absolute() or path.exists() else base / path)

@@ -1,0 +1,449 @@
+"""``Trainer``: wires config -> data -> backbone engine -> head, and runs the step loop.
+
+The loop counts optimizer steps. A SIGTERM (preemption) is all-reduced at every step boundary, so
+every rank stops after the same step, saves a checkpoint and returns; ``train.py`` then exits 143.
+Under fp32/bf16 a non-finite loss raises ``FloatingPointError`` naming the step; under fp16 it is
+an overflow (both optimizers skip and the scale backs off) until ``train.max_skipped_steps``
+consecutive skips, which raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pfc_ds.train import checkpoint as ckpt
+from pfc_ds.train.config import Config
+from pfc_ds.train.engine import (
+    Lockstep,
+    build_ds_config,
+    build_optimizer,
+    ds_config_summary,
+    full_backbone_state,
+    initialize,
+    loss_scale,
+    precision,
+)
+from pfc_ds.train.metrics import MetricsLogger, StepTimer
+from pfc_ds.train.schedule import PolynomialLRWarmup
+
+log = logging.getLogger("pfc_ds.train")
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise (or adopt an already initialised) process group through DeepSpeed."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
+    """The data iterator: the built-in synthetic source or ``data_pipelines`` (DALI)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        from pfc_ds.train.synthetic import SyntheticLoader
+
+        return SyntheticLoader(
+            num_classes=d.num_classes,
+            num_images=d.num_images,
+            image_size=d.image_size,
+            batch_size=cfg.train.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=d.seed,
+            device=device,
+        )
+    import data_pipelines  # imported lazily: DALI is only needed for real data
+    from data_pipelines.config import DataConfig as PipelineConfig
+
+    pipe_cfg = PipelineConfig.from_dict(
+        {"source": d.source, "num_classes": d.num_classes, "image_size": d.image_size, **d.pipeline}
+    )
+    loader = data_pipelines.build_loader(
+        pipe_cfg,
+        batch_size=cfg.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        seed=seed,
+    )
+    if getattr(loader, "num_classes", d.num_classes) != d.num_classes:
+        raise ValueError(
+            f"data.num_classes={d.num_classes} but the data set has {loader.num_classes} classes"
+        )
+    return loader
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> None:
+    """Backbone weights from a ``.pt`` state dict or a pfc_ds checkpoint folder."""
+    p = Path(path)
+    if p.is_dir():
+        found = ckpt.find_latest(p) if (p / ckpt.CHECKPOINTS).is_dir() else None
+        if found is None:
+            meta = json.loads((p / ckpt.META).read_text())
+            found = (p, meta)
+        state = ckpt.consolidated_backbone(*found)
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        for key in ("state_dict", "module", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+class Trainer:
+    """``Trainer(cfg).fit()`` trains; tests may inject a ``backbone`` or a ``loader``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        ds_config: str | os.PathLike | dict | None = None,
+        output: str | os.PathLike | None = None,
+        resume: bool = False,
+        backbone: torch.nn.Module | None = None,
+        loader=None,
+        stream=None,
+    ) -> None:
+        self.cfg = cfg
+        self.ds_source = ds_config if ds_config is not None else cfg.train.deepspeed
+        self.output = Path(output or cfg.train.output)
+        self.resume = resume
+        self._backbone = backbone
+        self._loader = loader
+        self.stream = stream
+        self.history: list[dict[str, Any]] = []
+        self.stopped_by_signal = False
+        self._sigterm = False
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world_size = init_distributed()
+        found = ckpt.find_latest(self.output) if self.resume else None
+        ds = build_ds_config(self.ds_source, cfg, self.world_size)
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+
+        torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
+        model = self._backbone
+        if model is None:
+            from pfc_ds.backbones import get_backbone
+
+            model = get_backbone(
+                cfg.model.backbone,
+                cfg.model.embedding_size,
+                dropout=cfg.model.dropout,
+                gradient_checkpointing=cfg.model.gradient_checkpointing,
+                **cfg.model.options,
+            )
+        restore = "none"
+        if found is not None:
+            restore = self._plan_restore(found, stage, ds, model)
+        elif cfg.model.pretrained:
+            load_pretrained(model, cfg.model.pretrained)
+            log.info("fine-tuning from %s with a fresh head", cfg.model.pretrained)
+
+        self.engine = initialize(model, build_optimizer(cfg, model), ds)
+        self.precision = precision(self.engine)
+        self.zero_stage = stage
+        self._build_head()
+        self.loader = self._loader or build_loader(
+            cfg,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.engine.device,
+            seed=cfg.train.seed,
+        )
+        gas = cfg.train.grad_accum
+        micro_per_epoch = len(self.loader)
+        self.total_steps = (
+            cfg.train.max_steps
+            if cfg.train.max_steps is not None
+            else max(1, int(cfg.train.epochs * micro_per_epoch) // gas)
+        )
+        warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * micro_per_epoch / gas))
+        self.schedule = PolynomialLRWarmup(warmup, self.total_steps, cfg.optim.power)
+        self.timer = StepTimer()
+        self.lockstep = Lockstep(
+            self.engine,
+            self.head,
+            self.head_optimizer,
+            self.schedule,
+            (cfg.optim.lr, cfg.head_hparams()[0]),
+            timer=self.timer,
+        )
+        self.step, self.epoch = 0, 0
+        torch.manual_seed(cfg.train.seed + 1 + self.rank)  # dropout etc. differ per rank
+        if found is not None:
+            self._restore(found, restore)
+        if self.rank == 0:
+            log.info(
+                "pfc_ds: %s, %d rank(s) x batch %d x accum %d = %d img/step, %d steps, %s, "
+                "head %d classes x %d (r=%g)",
+                cfg.model.backbone,
+                self.world_size,
+                cfg.train.batch_size,
+                gas,
+                self.global_batch,
+                self.total_steps,
+                ds_config_summary(ds),
+                cfg.data.num_classes,
+                cfg.model.embedding_size,
+                cfg.head.sample_rate,
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
+
+    def _build_head(self) -> None:
+        import pfc_ds
+
+        h, cfg = self.cfg.head, self.cfg
+        gemm = h.gemm_dtype
+        if gemm == "auto":
+            gemm = self.precision
+        margin = pfc_ds.CombinedMarginLoss(
+            h.scale, *h.margin, interclass_filtering_threshold=h.interclass_filtering_threshold
+        )
+        self.head = pfc_ds.PartialFC(
+            margin,
+            embedding_size=cfg.model.embedding_size,
+            num_classes=cfg.data.num_classes,
+            sample_rate=h.sample_rate,
+            dtype=_TORCH_DTYPES[h.dtype],
+            seed=cfg.train.seed,
+            momentum_dtype=_TORCH_DTYPES.get(h.momentum_dtype) if h.momentum_dtype else None,
+            device=self.engine.device,
+            gemm_dtype=None if gemm == "fp32" else _TORCH_DTYPES[gemm],
+        )
+        lr, momentum, wd = cfg.head_hparams()
+        self.head_optimizer = pfc_ds.SparseSGD(self.head, lr=lr, momentum=momentum, weight_decay=wd)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "zero_stage": self.zero_stage,
+            "precision": self.precision,
+            "num_classes": self.cfg.data.num_classes,
+            "embedding_size": self.cfg.model.embedding_size,
+            "backbone": self.cfg.model.backbone,
+            "global_batch": self.global_batch,
+        }
+
+    # ---- resume --------------------------------------------------------------------------
+
+    def _plan_restore(self, found, stage: int, ds: dict, model: torch.nn.Module) -> str:
+        """Decide how the engine is restored; may load weights into ``model`` before init."""
+        folder, meta = found
+        if meta["world_size"] == self.world_size and meta["zero_stage"] == stage:
+            return "engine"
+        if meta["zero_stage"] == 0 and stage == 0:
+            return "engine"  # stage-0 checkpoints hold full model and optimizer states
+        if meta["zero_stage"] > 0 and stage > 0 and self.cfg.optim.name == "sgd":
+            # ds_to_universal (0.19.8) only knows Adam's exp_avg/exp_avg_sq state.
+            reason = "DeepSpeed's universal checkpoint cannot convert SGD momentum"
+        elif meta["zero_stage"] > 0 and stage > 0:
+            try:
+                ckpt.make_universal(folder)
+                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+                return "universal"
+            except RuntimeError as exc:  # raised on every rank together
+                reason = f"universal checkpoint conversion failed ({exc})"
+        else:
+            reason = f"ZeRO stage changed {meta['zero_stage']} -> {stage}"
+        log.warning(
+            "resuming a ZeRO-%d checkpoint of %d rank(s) at ZeRO-%d on %d rank(s): %s; the "
+            "backbone weights are restored exactly but its optimizer state (momentum) is "
+            "re-initialised",
+            meta["zero_stage"],
+            meta["world_size"],
+            stage,
+            self.world_size,
+            reason,
+        )
+        model.load_state_dict(ckpt.consolidated_backbone(folder, meta), strict=True)
+        return "weights"
+
+    def _restore(self, found, how: str) -> None:
+        folder, meta = found
+        if how == "engine":
+            path, _ = self.engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
+        elif how == "universal":
+            uni = folder.parent / "universal"
+            path, _ = self.engine.load_checkpoint(
+                str(uni), tag=folder.name, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {uni}")
+        step = int(meta["step"])
+        ckpt.load_head(self.head, folder, meta, seed=self.cfg.train.seed * 1_000_003 + step)
+        state = ckpt.load_trainer_state(folder, meta)
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.loader.load_state_dict(state["data"])
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(self.cfg.train.seed + 1 + self.rank + 7919 * self.step)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (%s restore)", folder, self.step, how)
+
+    # ---- loop ----------------------------------------------------------------------------
+
+    def fit(self, stop_at: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``total_steps`` (or ``stop_at``), saving checkpoints; returns the history."""
+        if not hasattr(self, "engine"):
+            self.setup()
+        cfg = self.cfg
+        logger = MetricsLogger(
+            self.output,
+            rank=self.rank,
+            total_steps=self.total_steps,
+            tensorboard=cfg.train.tensorboard,
+            stream=self.stream,
+        )
+        logger.start(self.step)
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        restore_signal = self._install_sigterm()
+        skipped_in_a_row = 0
+        window: list[float] = []
+        since_log = 0
+        self.timer.reset()
+        try:
+            while self.step < end:
+                batches = iter(self.loader)
+                exhausted = False
+                while self.step < end:
+                    t0 = time.perf_counter()
+                    try:
+                        images, labels = next(batches)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    self.timer.add("data", time.perf_counter() - t0)
+                    res = self.lockstep.micro_step(images, labels, self.step)
+                    window.append(res.loss)
+                    if not res.boundary:
+                        continue
+                    self.step += 1
+                    since_log += 1
+                    loss = sum(window) / len(window)
+                    window.clear()
+                    self.history.append(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": res.lr,
+                            "loss_scale": res.loss_scale,
+                            "applied": res.applied,
+                        }
+                    )
+                    skipped_in_a_row = 0 if res.applied else skipped_in_a_row + 1
+                    if skipped_in_a_row > cfg.train.max_skipped_steps:
+                        raise FloatingPointError(
+                            f"step {self.step}: {skipped_in_a_row} optimizer steps in a row "
+                            f"skipped for non-finite gradients (loss {loss}, loss scale "
+                            f"{res.loss_scale}); training diverged"
+                        )
+                    if self.step % cfg.train.log_every == 0 or self.step == end:
+                        logger.log(
+                            self.step,
+                            loss=loss,
+                            lr=res.lr,
+                            images=since_log * self.global_batch,
+                            steps=since_log,
+                            loss_scale=loss_scale(self.engine),
+                            phases=self.timer.reset(),
+                            extra=self._log_extra(res),
+                        )
+                        since_log = 0
+                    stop = self._stop_requested()
+                    if (
+                        stop
+                        or self.step == end
+                        or (cfg.train.save_every and self.step % cfg.train.save_every == 0)
+                    ):
+                        self.save()
+                    if stop:
+                        self.stopped_by_signal = True
+                        if self.rank == 0:
+                            log.warning("SIGTERM: saved step %d, stopping", self.step)
+                        return self.history
+                if exhausted:
+                    self.loader.reset()
+                    self.epoch += 1
+            if self.step >= self.total_steps:
+                self.export()
+            return self.history
+        finally:
+            restore_signal()
+            logger.close()
+
+    def _log_extra(self, res) -> dict[str, Any]:
+        extra: dict[str, Any] = {"epoch": self.epoch, "skipped": not res.applied}
+        if self.engine.device.type == "cuda":
+            extra["max_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return extra
+
+    def save(self) -> Path:
+        state = {"step": self.step, "epoch": self.epoch, "data": self.loader.state_dict()}
+        return ckpt.save(
+            self.engine,
+            self.head,
+            state,
+            self.output,
+            self.step,
+            self._meta(),
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def export(self) -> None:
+        """Write ``OUTPUT/backbone.pt``: the trained fp32 backbone state dict (rank 0)."""
+        state = full_backbone_state(self.engine)
+        if self.rank == 0:
+            from pfc_ds.tools.reshard import atomic_save
+
+            atomic_save(state, self.output / "backbone.pt")
+
+    def head_state(self) -> dict[str, Any]:
+        return self.head.state_dict()
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        return full_backbone_state(self.engine)
+
+    # ---- signals -------------------------------------------------------------------------
+
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            self._sigterm = True
+
+        signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._sigterm else 0.0])
+        if self.engine.device.type != "cpu" and dist.get_backend() != "gloo":
+            flag = flag.to(self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)

@@ -1,0 +1,137 @@
+"""Rank-0 progress line, ``metrics.jsonl`` and (optionally) TensorBoard scalars.
+
+One JSON object per logged optimizer step, with at least ``step``, ``loss``, ``lr``,
+``img_per_s`` and ``loss_scale``; the ``time_*`` keys split the wall time since the previous
+logged step into data, backbone (forward + backward), head (forward + backward) and optimizer
+(gradient reduction at a stage-0 boundary, ``engine.step`` and ``SparseSGD.step``) seconds per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pfc_ds.train")
+
+PHASES = ("data", "backbone", "head", "optimizer")
+
+
+class StepTimer:
+    """Accumulates wall seconds per phase between two ``reset`` calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def reset(self) -> dict[str, float]:
+        out = {p: self.seconds.get(p, 0.0) for p in PHASES}
+        self.seconds = defaultdict(float)
+        return out
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes only on rank 0; other ranks keep the in-memory history used by tests."""
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        *,
+        rank: int,
+        total_steps: int,
+        tensorboard: bool = False,
+        stream=None,
+    ) -> None:
+        self.rank = rank
+        self.total_steps = total_steps
+        self.path = Path(output) / "metrics.jsonl"
+        self.stream = stream or sys.stdout
+        self.writer = None
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.writer = _tensorboard_writer(Path(output) / "tensorboard")
+        self._t0 = time.perf_counter()
+        self._t_last = self._t0
+        self._steps_since_start = 0
+
+    def start(self, step: int) -> None:
+        """Mark the first step of this run (a resumed run starts counting for ETA here)."""
+        self._first_step = step
+        self._t0 = self._t_last = time.perf_counter()
+
+    def log(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        images: int,
+        steps: int,
+        loss_scale: float | None,
+        phases: dict[str, float],
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``step``: optimizer steps done; ``images``/``steps``: global images and steps since
+        the last call (for img/s and the per-step time split)."""
+        now = time.perf_counter()
+        dt = max(now - self._t_last, 1e-9)
+        self._t_last = now
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "img_per_s": images / dt,
+            "loss_scale": loss_scale,
+        }
+        for phase, seconds in phases.items():
+            record[f"time_{phase}"] = seconds / max(steps, 1)
+        if extra:
+            record.update(extra)
+        if self.rank != 0:
+            return record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "img_per_s", "loss_scale"):
+                if record[key] is not None:
+                    self.writer.add_scalar(f"train/{key}", record[key], step)
+        done = step - getattr(self, "_first_step", 0)
+        rate = (now - self._t0) / max(done, 1)
+        eta = _format_eta(rate * (self.total_steps - step))
+        scale = "-" if loss_scale is None else f"{loss_scale:g}"
+        split = " ".join(f"{p[:4]} {1e3 * record[f'time_{p}']:.0f}" for p in PHASES)
+        print(
+            f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.5f} "
+            f"img/s {record['img_per_s']:.1f} scale {scale} eta {eta} | ms/step {split}",
+            file=self.stream,
+            flush=True,
+        )
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # tensorboard is optional
+        log.warning("train.tensorboard is on but TensorBoard is not installed (%s); skipping", exc)
+        return None
+    return SummaryWriter(str(path))
