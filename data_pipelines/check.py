@@ -1,0 +1,185 @@
+"""Validate a data set before a run: ``python -m data_pipelines.check PATH [--full]``.
+
+PATH is a ``.rec`` prefix (``train``, ``train.rec``) or a folder of identity folders. Prints one
+summary line ``images=N classes=C min_label=.. max_label=..`` and one line per problem with its
+record key and byte offset: bad magic, truncated records, non-integer labels, labels >= the
+declared class count, JPEGs that do not decode (a sample, or all with ``--full``). Exits 1 on
+any problem, so it can gate a launch script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from . import recordio
+from .folder import scan_folder
+from .insightface import IMAGE_SIZE, split_prefix
+from .jpeg import decode_error, image_size
+from .pool import mapper
+from .scan import Problem, check_label_range, scan_rec
+
+_CHUNK = 256
+
+
+def _decode_rec_chunk(
+    args: tuple[str, list[tuple[int, int, int, int]]],
+) -> list[tuple[int, str | None, tuple]]:
+    """Decode (i, image start, image length, record offset) items of one ``.rec``."""
+    rec_path, items = args
+    mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
+    out = []
+    for i, start, length, offset in items:
+        if start >= 0:
+            data = mm[start : start + length]
+        else:
+            data = recordio.unpack_payload(recordio.read_at(mm, offset)[0])[2]
+        out.append(_decode_one(i, data))
+    return out
+
+
+def _decode_file_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str | None, tuple]]:
+    out = []
+    for i, path in items:
+        with open(path, "rb") as f:
+            out.append(_decode_one(i, f.read()))
+    return out
+
+
+def _decode_one(i: int, data: bytes | np.ndarray) -> tuple[int, str | None, tuple]:
+    why = decode_error(data)
+    return i, why, (image_size(data) if why is None else ())
+
+
+def _decode_all(
+    func, chunks: list, total: int, workers: int
+) -> list[tuple[int, str | None, tuple]]:
+    """Decode in ``workers`` processes (in this one when ``workers`` <= 1)."""
+    results = []
+    with (
+        mapper(workers) as pmap,
+        tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar,
+    ):
+        for part in pmap(func, chunks):
+            results.extend(part)
+            bar.update(len(part))
+    return results
+
+
+def _pick(n: int, full: bool, sample: int, seed: int) -> np.ndarray:
+    if full or sample >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+
+
+def check_rec(
+    path: str, *, full: bool, sample: int, num_classes: int | None, workers: int, seed: int
+):
+    """(summary fields, problems, warnings) of a ``.rec``."""
+    scan = scan_rec(path, progress=True)
+    problems = list(scan.problems)
+    classes = num_classes or scan.declared_classes
+    if classes is not None:
+        problems += check_label_range(scan.labels, scan.keys, scan.offsets, classes)
+    picked = _pick(scan.num_images, full, sample, seed)
+    items = [
+        (int(i), int(scan.image_start[i]), int(scan.image_len[i]), int(scan.offsets[i]))
+        for i in picked
+    ]
+    chunks = [(scan.rec_path, items[j : j + _CHUNK]) for j in range(0, len(items), _CHUNK)]
+    decoded = _decode_all(_decode_rec_chunk, chunks, len(items), workers)
+    warnings = []
+    if scan.header_range is not None and scan.header_range[1] != scan.num_records:
+        warnings.append(
+            f"header promises {scan.header_range[1]} records; the index lists {scan.num_records}"
+        )
+    odd = []
+    for i, why, size in decoded:
+        if why is not None:
+            problems.append(Problem("decode", int(scan.keys[i]), int(scan.offsets[i]), why))
+        elif size != (IMAGE_SIZE, IMAGE_SIZE):
+            odd.append(f"key={int(scan.keys[i])} is {size[0]}x{size[1]}")
+    if odd:
+        warnings.append(
+            f"{len(odd)} decoded images are not 112x112 (e.g. {odd[0]}); set data.resize: true"
+        )
+    return _fields(scan.labels, classes, len(decoded)), problems, warnings
+
+
+def check_folder(
+    path: str, *, full: bool, sample: int, num_classes: int | None, workers: int, seed: int
+):
+    """(summary fields, problems, warnings) of a folder of identity folders."""
+    scan = scan_folder(path)
+    classes = num_classes or len(scan.class_names)
+    problems = check_label_range(scan.labels, scan.files, None, classes)
+    counts = np.bincount(scan.labels, minlength=len(scan.class_names))
+    warnings = [
+        f"identity folder {scan.class_names[c]!r} holds no images"
+        for c in np.flatnonzero(counts == 0)
+    ]
+    picked = _pick(scan.num_images, full, sample, seed)
+    items = [(int(i), scan.path(int(i))) for i in picked]
+    chunks = [items[j : j + _CHUNK] for j in range(0, len(items), _CHUNK)]
+    odd = []
+    for i, why, size in _decode_all(_decode_file_chunk, chunks, len(items), workers):
+        if why is not None:
+            problems.append(Problem("decode", scan.files[i], None, why))
+        elif size != (IMAGE_SIZE, IMAGE_SIZE):
+            odd.append(f"{scan.files[i]} is {size[0]}x{size[1]}")
+    if odd:
+        warnings.append(
+            f"{len(odd)} decoded images are not 112x112 (e.g. {odd[0]}); set data.resize: true"
+        )
+    return _fields(scan.labels, classes, len(items)), problems, warnings
+
+
+def _fields(labels: np.ndarray, classes: int | None, decoded: int) -> dict[str, object]:
+    return {
+        "images": int(labels.size),
+        "classes": classes if classes is not None else int(np.unique(labels).size),
+        "min_label": int(labels.min()) if labels.size else None,
+        "max_label": int(labels.max()) if labels.size else None,
+        "decoded": decoded,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m data_pipelines.check", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("path", help=".rec prefix (train, train.rec) or a folder of identity folders")
+    ap.add_argument("--full", action="store_true", help="decode every image, not a sample")
+    ap.add_argument("--sample", type=int, default=1000, help="images to decode without --full")
+    ap.add_argument(
+        "--num-classes", type=int, default=None, help="override the declared class count"
+    )
+    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    is_rec = os.path.isfile(split_prefix(a.path) + ".rec")
+    if not is_rec and not os.path.isdir(a.path):
+        print(f"error: {a.path} is neither PREFIX(.rec) nor a directory", file=sys.stderr)
+        return 2
+    kw = {
+        "full": a.full,
+        "sample": a.sample,
+        "num_classes": a.num_classes,
+        "workers": a.workers,
+        "seed": a.seed,
+    }
+    fields, problems, warnings = (check_rec if is_rec else check_folder)(a.path, **kw)
+    print(" ".join(f"{k}={v}" for k, v in fields.items()) + f" problems={len(problems)}")
+    for w in warnings:
+        print(f"WARNING {w}")
+    for p in problems:
+        print(f"ERROR {p}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

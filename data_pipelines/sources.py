@@ -1,0 +1,155 @@
+"""Open a data set named by ``DataConfig`` and refuse it before training if it is unusable.
+
+Every problem the loader could hit mid-run -- bad framing, non-integer labels, labels beyond
+the head's class count -- is found here, at start-up, with the record key and byte offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .folder import FolderScan, save_label_map, scan_folder
+from .insightface import split_prefix
+from .scan import Problem, RecScan, check_label_range, load_or_scan
+
+_SHOWN = 5
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data set cannot be trained on as configured."""
+
+
+def _summary(problems: list[Problem]) -> str:
+    lines = [f"  {p}" for p in problems[:_SHOWN]]
+    if len(problems) > _SHOWN:
+        lines.append(f"  ... and {len(problems) - _SHOWN} more")
+    return "\n".join(lines)
+
+
+class RecDataset:
+    """Image records of an insightface/im2rec ``.rec``; bytes are sliced from an mmap."""
+
+    kind = "rec"
+
+    def __init__(self, cfg: DataConfig) -> None:
+        assert cfg.path is not None
+        self.prefix = split_prefix(cfg.path)
+        self._cache_dir = cfg.cache_dir
+        self.scan: RecScan = load_or_scan(self.prefix, cfg.cache_dir)
+        self.skipped = list(self.scan.problems)
+        if self.skipped and not cfg.skip_corrupt:
+            raise DataError(
+                f"{self.prefix}.rec: {len(self.skipped)} bad record(s):\n{_summary(self.skipped)}\n"
+                "Set data.skip_corrupt: true to train without them, or inspect with "
+                f"`python -m data_pipelines.check {self.prefix}`."
+            )
+        if self.skipped:
+            log.warning(
+                "%s.rec: skipping %d bad record(s) (data.skip_corrupt):\n%s",
+                self.prefix,
+                len(self.skipped),
+                _summary(self.skipped),
+            )
+        if self.scan.num_images == 0:
+            raise DataError(f"{self.prefix}.rec holds no image records")
+        self.labels = self.scan.labels
+        self.num_classes = (
+            cfg.num_classes or self.scan.declared_classes or int(self.labels.max()) + 1
+        )
+        bad = check_label_range(self.labels, self.scan.keys, self.scan.offsets, self.num_classes)
+        if bad:
+            raise DataError(
+                f"{self.prefix}.rec: labels beyond the head's classes:\n{_summary(bad)}"
+            )
+        self.label_map_path: str | None = None  # labels are the file's own
+        self._mm: np.ndarray | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.scan.num_images
+
+    def read(self, i: int) -> np.ndarray:
+        if self._mm is None:  # mapped lazily: each process that reads maps its own view
+            self._mm = np.memmap(self.scan.rec_path, dtype=np.uint8, mode="r")
+        return np.frombuffer(self.scan.image_bytes(self._mm, int(i)), dtype=np.uint8)
+
+    def describe(self, i: int) -> str:
+        return f"record key={int(self.scan.keys[i])} offset={int(self.scan.offsets[i])}"
+
+    def image_index(self) -> str:
+        """A ``.idx`` listing only the valid image records, for ``fn.readers.mxnet``.
+
+        DALI sizes a record as the gap to the next listed offset and parses only the first
+        record in it, so leaving header, identity and corrupt records out is safe.
+        """
+        digest = hashlib.sha1(self.scan.keys.tobytes() + self.scan.offsets.tobytes()).hexdigest()[
+            :16
+        ]
+        if self._cache_dir is not None:
+            path = Path(self._cache_dir) / f"{Path(self.prefix).name}-{digest}.images.idx"
+        else:
+            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="data_pipelines-")
+            path = Path(self._tmp.name) / "images.idx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            lines = np.char.add(
+                np.char.add(self.scan.keys.astype(str), "\t"), self.scan.offsets.astype(str)
+            )
+            tmp.write_text("\n".join(lines.tolist()) + "\n")
+            os.replace(tmp, path)
+        return str(path)
+
+
+class FolderDataset:
+    """Images in ``root/<identity>/``; bytes are read from the file on demand."""
+
+    kind = "folder"
+
+    def __init__(self, cfg: DataConfig) -> None:
+        assert cfg.path is not None
+        self.scan: FolderScan = scan_folder(cfg.path)
+        if self.scan.num_images == 0:
+            raise DataError(f"{cfg.path}: the identity folders hold no images")
+        self.labels = self.scan.labels
+        self.skipped: list[Problem] = []
+        self.num_classes = cfg.num_classes or len(self.scan.class_names)
+        bad = check_label_range(self.labels, self.scan.files, None, self.num_classes)
+        if bad:
+            raise DataError(
+                f"{cfg.path}: {len(self.scan.class_names)} identity folders but num_classes "
+                f"{self.num_classes}:\n{_summary(bad)}"
+            )
+        self.label_map_path: str | None = None
+        if cfg.cache_dir is not None:
+            key = hashlib.sha1(os.path.abspath(cfg.path).encode()).hexdigest()[:16]
+            name = f"{Path(cfg.path).name}-{key}.labels.json"
+            self.label_map_path = str(save_label_map(self.scan, Path(cfg.cache_dir) / name))
+
+    @property
+    def num_images(self) -> int:
+        return self.scan.num_images
+
+    def read(self, i: int) -> np.ndarray:
+        return np.fromfile(self.scan.path(int(i)), dtype=np.uint8)
+
+    def describe(self, i: int) -> str:
+        return f"file {self.scan.path(int(i))}"
+
+
+def open_dataset(cfg: DataConfig) -> RecDataset | FolderDataset:
+    """Open and validate ``cfg.path``; raises ``DataError`` naming keys/offsets/files."""
+    if cfg.source == "rec":
+        return RecDataset(cfg)
+    if cfg.source == "folder":
+        return FolderDataset(cfg)
+    raise ValueError(f"data.source {cfg.source!r} has no files to open")
