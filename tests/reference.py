@@ -12,24 +12,35 @@ import torch.nn.functional as F
 
 
 def margin_logits(
-    emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, m2: float, m3: float
+    emb: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    s: float,
+    m2: float,
+    m3: float,
+    filter_threshold: float = 0.0,
+    straight_through: bool = False,
 ) -> torch.Tensor:
     cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
     onehot = F.one_hot(labels, weight.shape[0]).bool()
     theta = torch.arccos(cos.clamp(-1 + 1e-12, 1 - 1e-12))
     target = torch.cos(theta + m2) - m3
+    if straight_through:  # insightface: the margin is a constant offset for autograd
+        target = cos + (target - cos).detach()
+    if filter_threshold > 0:
+        cos = torch.where(~onehot & (cos > filter_threshold), torch.zeros_like(cos), cos)
     return s * torch.where(onehot, target, cos)
 
 
-def margin_ce(emb, weight, labels, s, m2, m3) -> torch.Tensor:
-    return F.cross_entropy(margin_logits(emb, weight, labels, s, m2, m3), labels)
+def margin_ce(emb, weight, labels, s, m2, m3, **kw) -> torch.Tensor:
+    return F.cross_entropy(margin_logits(emb, weight, labels, s, m2, m3, **kw), labels)
 
 
-def loss_and_grads(emb, weight, labels, s, m2, m3):
+def loss_and_grads(emb, weight, labels, s, m2, m3, **kw):
     """float64 loss, dL/demb and dL/dweight."""
     e = emb.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
-    loss = margin_ce(e, w, labels, s, m2, m3)
+    loss = margin_ce(e, w, labels, s, m2, m3, **kw)
     loss.backward()
     return loss.detach(), e.grad, w.grad
 

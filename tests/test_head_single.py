@@ -39,6 +39,33 @@ def test_loss_and_gradients_match_reference(name):
     assert ref.rel_err(pending.grad, ref_dw) < TOL
 
 
+@pytest.mark.parametrize(
+    "options", [{"filter_threshold": 0.2}, {"straight_through": True}], ids=["filter", "st"]
+)
+def test_filtering_and_straight_through_match_reference(options):
+    margin = pfc_ds.CombinedMarginLoss(
+        64.0,
+        1.0,
+        0.5,
+        0.0,
+        interclass_filtering_threshold=options.get("filter_threshold", 0.0),
+        straight_through=options.get("straight_through", False),
+    )
+    head = pfc_ds.PartialFC(margin, D, C)
+    w0 = head.weight.clone()
+    emb, labels = make_batches(1, seed=3)[0]
+    emb.requires_grad_(True)
+    loss = head(emb, labels)
+    loss.backward()
+    ref_loss, ref_demb, ref_dw = ref.loss_and_grads(emb, w0, labels, 64.0, 0.5, 0.0, **options)
+    plain, _, _ = ref.loss_and_grads(emb, w0, labels, 64.0, 0.5, 0.0)
+    if "filter_threshold" in options:
+        assert abs(plain.item() - ref_loss.item()) > 1e-3  # the filter does bite on this batch
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < TOL
+    assert ref.rel_err(emb.grad, ref_demb) < TOL
+    assert ref.rel_err(head.pending[0].grad, ref_dw) < TOL
+
+
 @pytest.mark.parametrize("name", ["arcface", "cosface"])
 def test_sparse_sgd_matches_torch_sgd(name):
     s, m2, m3 = MARGINS[name]

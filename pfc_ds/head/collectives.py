@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -20,7 +19,8 @@ def world(group: ProcessGroup) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch.Tensor:
+    """In-place all-reduce of ``t`` (a no-op in a world of one); returns ``t``."""
     if world(group)[0] > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
@@ -63,7 +63,7 @@ class _AllGatherScaled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         size, rank = world(ctx.group)
-        grad = _all_reduce(grad.contiguous(), dist.ReduceOp.SUM, ctx.group)
+        grad = all_reduce(grad.contiguous(), dist.ReduceOp.SUM, ctx.group)
         start = sum(ctx.sizes[:rank])
         return grad[start : start + ctx.sizes[rank]] * size, None, None
 
@@ -76,40 +76,3 @@ def all_gather_with_grad(t: torch.Tensor, sizes: list[int], group: ProcessGroup)
     ranks (DeepSpeed, DDP) deliver exactly ``dL/dθ`` to the backbone.
     """
     return _AllGatherScaled.apply(t, sizes, group)
-
-
-class _DistSoftmaxCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup):
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
-        row_max = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
-        exp = (logits - row_max[:, None]).exp_()
-        sum_exp = _all_reduce(exp.sum(dim=1), dist.ReduceOp.SUM, group)
-        target = logits.new_zeros(logits.shape[0])
-        target[rows] = logits[rows, cols]
-        target = _all_reduce(target, dist.ReduceOp.SUM, group)
-        loss = (torch.log(sum_exp) + row_max - target).mean()
-        exp.div_(sum_exp[:, None])
-        ctx.save_for_backward(exp, rows, cols)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        # The saved softmax becomes the gradient in place: no second N x S buffer.
-        grad, rows, cols = ctx.saved_tensors
-        grad[rows, cols] -= 1.0
-        grad.mul_(grad_loss / grad.shape[0])
-        return grad, None, None
-
-
-def dist_softmax_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup
-) -> torch.Tensor:
-    """Mean softmax cross-entropy when the class dimension is split across ranks.
-
-    ``logits``: ``(N, S_local)`` fp32 over the global batch; ``labels``: local column or -1.
-    Max, sum-exp and the target logit are all-reduced, so the loss is identical on every rank.
-    """
-    return _DistSoftmaxCrossEntropy.apply(logits, labels, group)

@@ -48,7 +48,8 @@ class _SampledCosine(torch.autograd.Function):
         emb_n, cos = ctx.saved_tensors
         rows, inv_norm, sink = ctx.rows, ctx.inv_norm, ctx.sink
         # The clamp only trims rounding overshoot past +-1, so its gradient is taken as 1.
-        coef = (grad_cos * cos).sum(dim=0).mul_(inv_norm).mul_(inv_norm).neg_()
+        # cos is not needed after this, so the product overwrites it instead of a new N x S.
+        coef = cos.mul_(grad_cos).sum(dim=0).mul_(inv_norm).mul_(inv_norm).neg_()
         grad_r = grad_cos * inv_norm
         grad_emb = grad_r @ rows
         if sink.grad is None:

@@ -69,7 +69,8 @@ class CombinedMarginLoss(torch.nn.Module):
             f"filter={self.interclass_filtering_threshold}, straight_through={self.straight_through}"
         )
 
-    def _target_margin(self, target: torch.Tensor) -> torch.Tensor:
+    def target_logit(self, target: torch.Tensor) -> torch.Tensor:
+        """The margin applied to target cosines: ``cos(m1 * theta + m2) - m3`` (unscaled)."""
         if self.m2 > 0.0:
             if self.straight_through:
                 with torch.no_grad():
@@ -82,16 +83,25 @@ class CombinedMarginLoss(torch.nn.Module):
             target = target - self.m3
         return target
 
+    def filter_mask(
+        self, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Negatives above the inter-class filtering threshold, or ``None`` when it is off."""
+        if self.interclass_filtering_threshold <= 0.0:
+            return None
+        with torch.no_grad():
+            dirty = logits > self.interclass_filtering_threshold
+            dirty[rows, cols] = False
+        return dirty
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``logits``: cosines ``(N, S)``; ``labels``: ``(N,)`` column of the target, or -1."""
         rows = torch.nonzero(labels != -1).squeeze(1)
         cols = labels[rows]
         out = logits * self.s
-        if self.interclass_filtering_threshold > 0.0:
-            with torch.no_grad():
-                dirty = logits > self.interclass_filtering_threshold
-                dirty[rows, cols] = False
+        dirty = self.filter_mask(logits, rows, cols)
+        if dirty is not None:
             out.masked_fill_(dirty, 0.0)
         if self.m2 > 0.0 or self.m3 > 0.0:
-            out.index_put_((rows, cols), self._target_margin(logits[rows, cols]) * self.s)
+            out.index_put_((rows, cols), self.target_logit(logits[rows, cols]) * self.s)
         return out

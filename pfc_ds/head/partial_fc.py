@@ -11,11 +11,11 @@ from pfc_ds.head.collectives import (
     ProcessGroup,
     all_gather_no_grad,
     all_gather_with_grad,
-    dist_softmax_cross_entropy,
     gather_sizes,
     world,
 )
 from pfc_ds.head.cosine import sampled_cosine
+from pfc_ds.head.margin_softmax import margin_softmax_cross_entropy
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
@@ -163,8 +163,8 @@ class PartialFC(torch.nn.Module):
         self.pending.append(sampled)
         emb_n = torch.nn.functional.normalize(embeddings, dim=1)
         cosine = sampled_cosine(emb_n, rows, sampled, self.gemm_dtype)
-        logits = self.margin_loss(cosine, target)
-        return dist_softmax_cross_entropy(logits, target, group)
+        logits = self.workspace.get(f"logits{slot}", tuple(cosine.shape), torch.float32)
+        return margin_softmax_cross_entropy(cosine, target, self.margin_loss, group, logits)
 
     # ---- state -------------------------------------------------------------------------------
 
