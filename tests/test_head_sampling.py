@@ -39,9 +39,26 @@ def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_onl
     assert index.tolist() == [3, 9] and remap.tolist() == [1, 0, 1]
 
 
-def test_negatives_are_uniform_chi_square():
+@pytest.mark.parametrize(
+    ("num_local", "rate", "npos"),
+    [(100_000, 0.1, 128), (1_000_000, 0.1, 128), (1000, 0.5, 10), (1000, 0.9, 40), (50, 0.99, 3)],
+)
+def test_sample_sizes_across_densities(num_local, rate, npos):
+    sampler = ClassSampler(num_local, rate, seed=3, rank=0, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        positives = torch.randint(0, num_local, (npos,), generator=g)
+        index, remap = sampler.sample(positives)
+        want = max(int(rate * num_local), len(positives.unique()))
+        assert len(index) == want == len(index.unique())
+        assert torch.equal(index, index.sort().values) and torch.equal(index[remap], positives)
+        assert int(index.min()) >= 0 and int(index.max()) < num_local
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.7])
+def test_negatives_are_uniform_chi_square(rate):
     num_local, draws = 200, 3000
-    sampler = ClassSampler(num_local, 0.1, seed=1, rank=0, device="cpu")
+    sampler = ClassSampler(num_local, rate, seed=1, rank=0, device="cpu")
     positives = torch.tensor([3, 50, 51, 120, 199])
     counts = torch.zeros(num_local)
     for _ in range(draws):
@@ -51,8 +68,9 @@ def test_negatives_are_uniform_chi_square():
     negatives = torch.ones(num_local, dtype=torch.bool)
     negatives[positives] = False
     observed = counts[negatives]
-    expected = draws * (20 - 5) / (num_local - 5)
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    p = (int(rate * num_local) - 5) / (num_local - 5)  # each negative's inclusion probability
+    # Inclusion counts are Binomial(draws, p): normalise by its variance, not Pearson's mean.
+    chi2 = float(((observed - draws * p) ** 2 / (draws * p * (1 - p))).sum())
     dof = int(negatives.sum()) - 1
     # mean dof, sd sqrt(2 dof) ~ 19.7: 5 sd above the mean is p < 1e-6 for a uniform sampler
     assert chi2 < dof + 5 * (2 * dof) ** 0.5, chi2

@@ -101,7 +101,17 @@ def test_config_errors_name_key_and_allowed_values(override, message):
 
 def test_adamw_requires_head_hyperparameters():
     with pytest.raises(ConfigError, match=r"head\.lr, head\.momentum and head\.weight_decay"):
-        Config.from_dict({"optim": {"name": "adamw"}})
+        Config.from_dict({"optim": {"name": "adamw"}, "data": {"num_classes": 10}})
+
+
+def test_synthetic_source_requires_num_classes_and_rec_defaults_to_the_data_set():
+    with pytest.raises(
+        ConfigError, match=r"data\.num_classes is required with data\.source: synthetic"
+    ):
+        Config.from_dict({})
+    assert (
+        Config.from_dict({"data": {"source": "rec", "path": "/data/ms1m"}}).data.num_classes is None
+    )
 
 
 def test_rec_source_passes_pipeline_keys_through():
@@ -110,7 +120,9 @@ def test_rec_source_passes_pipeline_keys_through():
 
 
 def test_build_ds_config_writes_batch_sizes_and_rejects_clashes(tmp_path):
-    cfg = Config.from_dict({"train": {"batch_size": 16, "grad_accum": 3}})
+    cfg = Config.from_dict(
+        {"train": {"batch_size": 16, "grad_accum": 3}, "data": {"num_classes": 10}}
+    )
     ds = build_ds_config(ROOT / "ds_configs" / "zero2_fp16.json", cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 3

@@ -55,7 +55,9 @@ class HeadConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    num_classes: int = 1000
+    # The head's class count. rec/folder: defaults to the data set's declared count (property,
+    # header or folder count); synthetic: required.
+    num_classes: int | None = None
     num_images: int = 100_000  # one epoch; synthetic: how many global sample indices
     image_size: int = 112
     seed: int = 0
@@ -128,9 +130,11 @@ class Config:
             raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
         if not 0.0 < self.head.sample_rate <= 1.0:
             raise ConfigError(f"head.sample_rate must be in (0, 1], got {self.head.sample_rate}")
+        if self.data.num_classes is None and self.data.source == "synthetic":
+            raise ConfigError("data.num_classes is required with data.source: synthetic")
         for key, value in (
             ("model.embedding_size", self.model.embedding_size),
-            ("data.num_classes", self.data.num_classes),
+            ("data.num_classes", self.data.num_classes or 1),
             ("data.num_images", self.data.num_images),
             ("data.image_size", self.data.image_size),
             ("train.batch_size", self.train.batch_size),

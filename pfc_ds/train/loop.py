@@ -68,8 +68,9 @@ def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
     import data_pipelines  # imported lazily: DALI is only needed for real data
     from data_pipelines.config import DataConfig as PipelineConfig
 
+    given = {} if d.num_classes is None else {"num_classes": d.num_classes}
     pipe_cfg = PipelineConfig.from_dict(
-        {"source": d.source, "num_classes": d.num_classes, "image_size": d.image_size, **d.pipeline}
+        {"source": d.source, "image_size": d.image_size, **given, **d.pipeline}
     )
     loader = data_pipelines.build_loader(
         pipe_cfg,
@@ -79,10 +80,12 @@ def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
         device=device,
         seed=seed,
     )
-    if getattr(loader, "num_classes", d.num_classes) != d.num_classes:
-        raise ValueError(
-            f"data.num_classes={d.num_classes} but the data set has {loader.num_classes} classes"
-        )
+    if d.num_classes is None:  # the head takes the data set's declared class count
+        d.num_classes = loader.num_classes
+        if rank == 0:
+            log.info(
+                "data.num_classes = %d (declared by %s)", d.num_classes, d.pipeline.get("path")
+            )
     return loader
 
 
@@ -160,14 +163,14 @@ class Trainer:
         self.engine = initialize(model, build_optimizer(cfg, model), ds)
         self.precision = precision(self.engine)
         self.zero_stage = stage
-        self._build_head()
         self.loader = self._loader or build_loader(
             cfg,
             rank=self.rank,
             world_size=self.world_size,
             device=self.engine.device,
-            seed=cfg.train.seed,
+            seed=cfg.data.seed,
         )
+        self._build_head()  # after the loader: it may supply data.num_classes
         gas = cfg.train.grad_accum
         micro_per_epoch = len(self.loader)
         self.total_steps = (
@@ -329,6 +332,9 @@ class Trainer:
         try:
             while self.step < end:
                 batches = iter(self.loader)
+                # The loader owns the epoch: iterating an exhausted one (e.g. resumed at an
+                # epoch's last step) already starts the next epoch.
+                self.epoch = getattr(self.loader, "epoch", self.epoch)
                 exhausted = False
                 while self.step < end:
                     t0 = time.perf_counter()
@@ -388,7 +394,7 @@ class Trainer:
                         return self.history
                 if exhausted:
                     self.loader.reset()
-                    self.epoch += 1
+                    self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
             if self.step >= self.total_steps:
                 self.export()
             return self.history
