@@ -152,18 +152,25 @@ def floor_seconds(floor: dict, classes: int, args, storage_bytes: int) -> float:
     return floor["gemm_flops"] / floor["gemm_rate"] + row_bytes / floor["bandwidth"]
 
 
-def measure(args, classes: int, variants) -> dict:
-    res = {"classes": classes}
+def measure(args, classes: int, variants, repeats: int = 1) -> dict:
+    """Variants in interleaved rounds; each keeps its fastest round (load only ever slows)."""
+    res: dict = {"classes": classes}
     floors = [run_variant(args, "floor", classes)]
-    for v in variants:
-        res[v] = run_variant(args, v, classes)
-        print(
-            f"  C={classes:>9,} {v:10s} {res[v]['step_s'] * 1e3:9.1f} ms  "
-            f"peak RSS {res[v]['peak_rss_mb']:8.0f} MB",
-            flush=True,
-        )
+    for _ in range(repeats):
+        for v in variants:
+            r = run_variant(args, v, classes)
+            print(
+                f"  C={classes:>9,} {v:10s} {r['step_s'] * 1e3:9.1f} ms  "
+                f"peak RSS {r['peak_rss_mb']:8.0f} MB",
+                flush=True,
+            )
+            if v not in res or r["step_s"] < res[v]["step_s"]:
+                res[v] = r
+            if v == "dense_fc":  # minutes per round at 1M: one is enough
+                variants = [x for x in variants if x != "dense_fc"]
     floors.append(run_variant(args, "floor", classes))
-    floor = {k: statistics.mean(f[k] for f in floors) for k in floors[0]}
+    # The floor is a best case too: the fastest GEMM and copy seen in the run.
+    floor = {k: max(f[k] for f in floors) if k != "gemm_flops" else floors[0][k] for k in floors[0]}
     res["floor"] = floor
     res["floor_fp32_s"] = floor_seconds(floor, classes, args, 4)
     res["floor_fp16_s"] = floor_seconds(floor, classes, args, 2)
@@ -176,7 +183,8 @@ def render(args, main: dict, sweep: list[dict]) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads, one process. D={args.dim}, B={args.batch}, r={args.rate}, "
         f"CosFace s=64 m=0.4, SGD momentum {MOMENTUM}, wd {WD}. Median of {args.steps} steps "
-        f"after {args.warmup} warm-up. Measured {time.strftime('%Y-%m-%d')}. "
+        f"after {args.warmup} warm-up, each variant in a fresh process; at the main point the "
+        f"fastest of {args.repeats} interleaved rounds. Measured {time.strftime('%Y-%m-%d')}. "
         f"Command: `python -m pfc_ds.bench.head{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.",
         "",
         f"Floor at C={main['classes']:,}: GEMM {f['gemm_rate'] / 1e9:.0f} GFLOP/s over "
@@ -242,6 +250,7 @@ def main(argv=None) -> None:
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds at the main point")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--sweep", default="", help="comma-separated class counts, e.g. 100000,2000000")
     p.add_argument("--sweep-dense-fc", action="store_true", help="include dense_fc in the sweep")
@@ -254,7 +263,7 @@ def main(argv=None) -> None:
         return
     variants = [v for v in VARIANTS if not (args.skip_dense_fc and v == "dense_fc")]
     print(f"main point C={args.classes:,}", flush=True)
-    main_res = measure(args, args.classes, variants)
+    main_res = measure(args, args.classes, variants, repeats=args.repeats)
     sweep = []
     for c in [int(x) for x in args.sweep.split(",") if x]:
         print(f"sweep C={c:,}", flush=True)
