@@ -77,7 +77,7 @@ def _saved(folder: str, stage: int) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pfc_ds.head.reshard import consolidate
-    from pfc_ds.tools.reshard import find_shards, load_shard
+    from pfc_ds.train.shard_files import find_shards, load_shard
 
     tag = f"step{HALF:08d}"
     path = f"{folder}/checkpoints/{tag}"

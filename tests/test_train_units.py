@@ -287,7 +287,7 @@ def test_reshard_momentum_none_and_mismatched_sets():
 
 
 def test_reshard_cli_roundtrip(tmp_path):
-    from pfc_ds.tools.reshard import shard_name
+    from pfc_ds.train.shard_files import shard_name
 
     src = tmp_path / "src"
     src.mkdir()

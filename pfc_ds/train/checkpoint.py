@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from pfc_ds.head.reshard import reshard_shard
-from pfc_ds.tools.reshard import atomic_save, find_shards, load_shard, shard_name
+from pfc_ds.train.shard_files import atomic_save, find_shards, load_shard, shard_name
 
 log = logging.getLogger("pfc_ds.train")
 

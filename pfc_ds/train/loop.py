@@ -424,7 +424,7 @@ class Trainer:
         """Write ``OUTPUT/backbone.pt``: the trained fp32 backbone state dict (rank 0)."""
         state = full_backbone_state(self.engine)
         if self.rank == 0:
-            from pfc_ds.tools.reshard import atomic_save
+            from pfc_ds.train.shard_files import atomic_save
 
             atomic_save(state, self.output / "backbone.pt")
 
