@@ -103,10 +103,7 @@ def check_rec(
             problems.append(Problem("decode", int(scan.keys[i]), int(scan.offsets[i]), why))
         elif size != (IMAGE_SIZE, IMAGE_SIZE):
             odd.append(f"key={int(scan.keys[i])} is {size[0]}x{size[1]}")
-    if odd:
-        warnings.append(
-            f"{len(odd)} decoded images are not 112x112 (e.g. {odd[0]}); set data.resize: true"
-        )
+    warnings += _size_warning(odd)
     return _fields(scan.labels, classes, len(decoded)), problems, warnings
 
 
@@ -131,11 +128,14 @@ def check_folder(
             problems.append(Problem("decode", scan.files[i], None, why))
         elif size != (IMAGE_SIZE, IMAGE_SIZE):
             odd.append(f"{scan.files[i]} is {size[0]}x{size[1]}")
-    if odd:
-        warnings.append(
-            f"{len(odd)} decoded images are not 112x112 (e.g. {odd[0]}); set data.resize: true"
-        )
+    warnings += _size_warning(odd)
     return _fields(scan.labels, classes, len(items)), problems, warnings
+
+
+def _size_warning(odd: list[str]) -> list[str]:
+    if not odd:
+        return []
+    return [f"{len(odd)} decoded images are not 112x112 (e.g. {odd[0]}); set data.resize: true"]
 
 
 def _fields(labels: np.ndarray, classes: int | None, decoded: int) -> dict[str, object]:

@@ -15,7 +15,6 @@ from .augment import draw_params
 from .config import DataConfig
 from .jpeg import decode_error
 from .loader import Loader, start_pipeline, to_torch
-from .sampler import ShardPlan
 from .sources import DataError, FolderDataset, RecDataset
 
 
@@ -27,15 +26,7 @@ class ExternalLoader(Loader):
         self.dataset = dataset
         self.skipped = len(dataset.skipped)
         self.label_map_path = dataset.label_map_path
-        self.plan = ShardPlan(
-            dataset.num_images,
-            self.batch_size,
-            self.rank,
-            self.world_size,
-            cfg.last_batch,
-            cfg.shuffle,
-            self.seed,
-        )
+        self.plan = self._shard_plan()
         self._pipe = None
 
     def _steps_from(self, start: int) -> int:

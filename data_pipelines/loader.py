@@ -18,6 +18,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .config import DataConfig
 from .dali import build_pipeline
+from .sampler import ShardPlan
 
 
 class Loader:
@@ -60,6 +61,18 @@ class Loader:
         self._start = 0  # global samples consumed before this epoch segment began
         self._step = 0  # batches yielded in this segment
         self._open = False
+
+    def _shard_plan(self) -> ShardPlan:
+        """This rank's cut of the seeded global order (readers that choose samples themselves)."""
+        return ShardPlan(
+            self.num_images,
+            self.batch_size,
+            self.rank,
+            self.world_size,
+            self.cfg.last_batch,
+            self.cfg.shuffle,
+            self.seed,
+        )
 
     # -- subclasses ---------------------------------------------------------------------------
     def _steps_from(self, start: int) -> int:

@@ -9,7 +9,6 @@ import torch
 
 from .config import DataConfig
 from .loader import Loader
-from .sampler import ShardPlan
 
 
 class SyntheticLoader(Loader):
@@ -19,15 +18,7 @@ class SyntheticLoader(Loader):
     def __init__(self, cfg: DataConfig, **kw: Any) -> None:
         assert cfg.num_classes is not None and cfg.num_images is not None
         super().__init__(cfg, num_classes=cfg.num_classes, num_images=cfg.num_images, **kw)
-        self.plan = ShardPlan(
-            self.num_images,
-            self.batch_size,
-            self.rank,
-            self.world_size,
-            cfg.last_batch,
-            cfg.shuffle,
-            self.seed,
-        )
+        self.plan = self._shard_plan()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.rank)
         self._images = (

@@ -39,7 +39,8 @@ def round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Stochastically round fp32 to bf16: unbiased, so small updates survive in expectation.
 
     bf16 keeps 8 mantissa bits; round-to-nearest drops any update below 2^-9 of the weight,
-    which stalls training (measured in tests: +30% final loss vs fp32 storage without it).
+    which stalls training (measured on the problem of tests/test_head_precision.py: 32% higher
+    final loss than fp32 storage with nearest rounding, 0.14% with this).
     bf16 is the high half of fp32, so adding 16 random low bits and truncating is exact SR.
     """
     bits = x.contiguous().view(torch.int32)

@@ -37,7 +37,8 @@ def gather_sizes(n: int, device: torch.device, group: ProcessGroup) -> list[int]
     return [int(s) for s in sizes]
 
 
-def _gather_uneven(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
+def all_gather_no_grad(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's ``t`` (first dims ``sizes``) along dim 0, in rank order."""
     size, _ = world(group)
     if size == 1:
         return t
@@ -49,16 +50,11 @@ def _gather_uneven(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> to
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
-def all_gather_no_grad(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
-    """Concatenate every rank's ``t`` (first dims ``sizes``) along dim 0, in rank order."""
-    return _gather_uneven(t, sizes, group)
-
-
 class _AllGatherScaled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
         ctx.sizes, ctx.group = sizes, group
-        return _gather_uneven(t, sizes, group)
+        return all_gather_no_grad(t, sizes, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

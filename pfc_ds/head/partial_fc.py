@@ -36,9 +36,20 @@ class SampledRows:
     slot: int
     workspace: Workspace = field(repr=False)
     grad: torch.Tensor | None = None
+    _finite: tuple[int, bool] = (-1, True)  # (grad._version it was checked at, result)
 
     def grad_buffer(self) -> torch.Tensor:
         return self.workspace.get(f"grad{self.slot}", tuple(self.rows.shape), torch.float32)
+
+    def grad_is_finite(self) -> bool:
+        """One sum per gradient version: inf and NaN propagate through it, and row gradients are
+        far below the ~1e30 mean magnitude at which an fp32 sum of S x D terms could overflow."""
+        if self.grad is None:
+            return True
+        version = self.grad._version
+        if self._finite[0] != version:
+            self._finite = (version, bool(torch.isfinite(self.grad.sum())))
+        return self._finite[1]
 
 
 class PartialFC(torch.nn.Module):

@@ -26,45 +26,34 @@ class SparseSGD:
             )
         self.head = head
         self.param_groups = [{"lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
-        self._collected: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._nonfinite: bool | None = None
 
     def _collect(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, grad, weights)`` over the union of pending rows, fp32, in workspace buffers."""
         head = self.head
-        key = sum(p.grad is not None for p in head.pending)
-        if self._collected is not None and self._collected[0] == key:
-            return self._collected[1:]
         pending = [p for p in head.pending if p.grad is not None]
         dim, ws = head.embedding_size, head.workspace
         if not pending:
             index = torch.empty(0, dtype=torch.long, device=head.bank.device)
-            out = (index, torch.empty(0, dim, device=index.device), torch.empty(0, dim))
-        elif len(pending) == 1:
+            empty = torch.empty(0, dim, device=index.device)
+            return index, empty, empty
+        if len(pending) == 1:
             # The forward's fp32 rows are exactly the stored weights: nothing changed since.
             p = pending[0]
-            out = (p.index, p.grad, p.rows)
-        else:
-            index = torch.cat([p.index for p in pending])
-            union, inverse = torch.unique(index, return_inverse=True)
-            grad = ws.get("union_grad", (len(union), dim), torch.float32).zero_()
-            grad.index_add_(0, inverse, torch.cat([p.grad for p in pending]))
-            weights = head.bank.gather(union, out=ws.get("union_rows", grad.shape, torch.float32))
-            out = (union, grad, weights)
-        self._collected = (key, *out)
-        self._nonfinite = None
-        return out
+            return p.index, p.grad, p.rows
+        index = torch.cat([p.index for p in pending])
+        union, inverse = torch.unique(index, return_inverse=True)
+        grad = ws.get("union_grad", (len(union), dim), torch.float32).zero_()
+        grad.index_add_(0, inverse, torch.cat([p.grad for p in pending]))
+        weights = head.bank.gather(union, out=ws.get("union_rows", grad.shape, torch.float32))
+        return union, grad, weights
 
     def has_nonfinite(self) -> bool:
         """Whether any pending row gradient is inf/NaN (local; the trainer all-reduces it).
 
-        One sum suffices: inf and NaN propagate through it, and finite row gradients are far
-        below the ~1e30 average magnitude at which an fp32 sum of S x D terms could overflow.
+        Checked per forward's gradient, so calling it after every micro-batch of an
+        accumulation window costs one sum per micro-batch, not a union per call.
         """
-        _, grad, _ = self._collect()
-        if self._nonfinite is None:
-            self._nonfinite = not bool(torch.isfinite(grad.sum()))
-        return self._nonfinite
+        return not all(p.grad_is_finite() for p in self.head.pending)
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> bool:
@@ -78,7 +67,6 @@ class SparseSGD:
         rows, g, w = self._collect()
         if len(rows) == 0:
             return True
-        self._collected = None
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         bank = self.head.bank
@@ -100,7 +88,6 @@ class SparseSGD:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the pending rows (their gradients go with them)."""
         self.head.pending.clear()
-        self._collected = None
 
     def state_dict(self) -> dict:
         return {"param_groups": [dict(g) for g in self.param_groups]}

@@ -28,6 +28,3 @@ class Workspace:
             buf = torch.empty(numel, dtype=dtype, device=self.device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
-
-    def clear(self) -> None:
-        self._buffers.clear()
