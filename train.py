@@ -19,27 +19,12 @@ import warnings
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import deepspeed
 
+    from pfc_ds.train.cli import add_arguments
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.batch_size=64 (repeatable)",
-    )
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train (train.max_steps)")
-    p.add_argument("--output", help="output folder (train.output)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in the output folder, if any",
-    )
-    p.add_argument("--log-every", type=int, help="log every N optimizer steps (train.log_every)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_arguments(p)
     deepspeed.add_config_arguments(p)
     return p.parse_args(argv)
 
@@ -56,18 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19.8's ZeRO calls torch's deprecated *_into_tensor collectives every step.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
 
-    from pfc_ds.train import Trainer, load_config
+    from pfc_ds.train import USER_ERRORS, Trainer
+    from pfc_ds.train.cli import config_from_args
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.output is not None:
-        overrides.append(f"train.output={args.output}")
-    if args.log_every is not None:
-        overrides.append(f"train.log_every={args.log_every}")
-    cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, ds_config=args.deepspeed_config, resume=args.resume)
-    trainer.fit()
+    try:
+        cfg = config_from_args(args)
+        trainer = Trainer(cfg, ds_config=args.deepspeed_config, resume=args.resume)
+        trainer.fit(stop_at=args.max_steps)
+    except USER_ERRORS as exc:
+        # The same bad key or file on every rank: one line from rank 0, no traceback.
+        if rank == 0:
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 143 if trainer.stopped_by_signal else 0
 
 

@@ -12,10 +12,13 @@
 # everything else goes to train.py. Environment: NPROC (ranks per node), OMP_NUM_THREADS
 # (threads per rank; on CPU the default is cores / ranks, because the launcher sets none and
 # oversubscribed ranks run 3-5x slower), PYTHON (defaults to .venv/bin/python when present).
+#
+# To stop a run, send SIGTERM (or SIGINT, Ctrl-C) to this script's PID: every rank saves a
+# checkpoint at the same step and the script exits 143; `--resume` continues from there.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 cd "$(dirname "$0")"
@@ -67,6 +70,44 @@ if [[ " ${launcher_args[*]+"${launcher_args[*]}"} " != *" --master_port"* ]]; th
     launcher_args+=(--master_port "$port")
 fi
 
+# One clear line for a bad key, value or file, before any rank starts.
+"$PYTHON" -m pfc_ds.train.cli --config "$config" "${ds_args[@]+"${ds_args[@]}"}" \
+    "${train_args[@]+"${train_args[@]}"}" || exit $?
+
 echo "train.sh: ${nproc_per_node} rank(s)/node, OMP_NUM_THREADS=${OMP_NUM_THREADS}" >&2
-exec "$PYTHON" -m deepspeed.launcher.runner "${launcher_args[@]}" \
-    train.py --config "$config" "${ds_args[@]+"${ds_args[@]}"}" "${train_args[@]+"${train_args[@]}"}"
+
+# Signals. DeepSpeed's runner forwards SIGTERM/SIGINT only for multi-node pdsh runs, and its
+# local launch.py answers one by killing the ranks' process trees 30 s later, which can cut a
+# checkpoint write short. So the launcher runs in the background, and a SIGTERM or SIGINT to this
+# script goes as SIGTERM to the rank processes themselves (the children of launch.py): they stop
+# after the same step, save, and exit 143, which launch.py and the runner pass back here. With
+# no local launch.py (pdsh), the runner gets the signal and forwards it to every node. The
+# launcher runs in its own session, so a terminal Ctrl-C reaches only this script.
+setsid "$PYTHON" -m deepspeed.launcher.runner --log_level warning "${launcher_args[@]}" \
+    train.py --config "$config" "${ds_args[@]+"${ds_args[@]}"}" "${train_args[@]+"${train_args[@]}"}" &
+runner=$!
+
+forward() {
+    local child ranks=""
+    for child in $(pgrep -P "$runner" 2>/dev/null); do
+        if tr '\0' ' ' <"/proc/$child/cmdline" 2>/dev/null | grep -q deepspeed.launcher.launch; then
+            ranks="$ranks $(pgrep -P "$child" | tr '\n' ' ')"
+        fi
+    done
+    if [[ -n "${ranks// /}" ]]; then
+        echo "train.sh: $1: asking the ranks to save and stop (pids${ranks})" >&2
+        kill -TERM $ranks 2>/dev/null || true
+    else
+        kill -TERM "$runner" 2>/dev/null || true
+    fi
+}
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
+
+# `wait` returns early when a trapped signal arrives; keep waiting for the runner itself.
+while true; do
+    rc=0
+    wait "$runner" || rc=$?
+    kill -0 "$runner" 2>/dev/null || break
+done
+exit "$rc"

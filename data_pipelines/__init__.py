@@ -1,4 +1,4 @@
-"""DALI data pipelines for Partial FC training: insightface RecordIO, image folders, synthetic.
+"""DALI data pipelines for Partial FC training: insightface RecordIO and image folders.
 
 The trainer uses one seam: ``build_loader(cfg, batch_size=, rank=, world_size=, device=)`` with
 ``cfg = DataConfig.from_dict(yaml["data"])``. This package knows nothing of the trainer.

@@ -10,7 +10,6 @@ from .external import ExternalLoader
 from .loader import Loader
 from .native import NativeLoader
 from .sources import open_dataset
-from .synthetic import SyntheticLoader
 
 
 def build_loader(
@@ -44,7 +43,5 @@ def build_loader(
         "device": device,
         "seed": seed,
     }
-    if cfg.source == "synthetic":
-        return SyntheticLoader(cfg, **kw)
     dataset = open_dataset(cfg)
     return (ExternalLoader if cfg.reader == "external" else NativeLoader)(cfg, dataset, **kw)

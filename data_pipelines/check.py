@@ -1,10 +1,12 @@
-"""Validate a data set before a run: ``python -m data_pipelines.check PATH [--full]``.
+"""Validate a data set before a run: ``python -m data_pipelines.check PATH [--full] [--all]``.
 
 PATH is a ``.rec`` prefix (``train``, ``train.rec``) or a folder of identity folders. Prints one
 summary line ``images=N classes=C min_label=.. max_label=..`` and one line per problem with its
 record key and byte offset: bad magic, truncated records, non-integer labels, labels >= the
-declared class count, JPEGs that do not decode (a sample, or all with ``--full``). Exits 1 on
-any problem, so it can gate a launch script.
+declared class count, JPEGs that do not decode (a sample, or all with ``--full``). A badly cut
+file has a problem per record, so only the first 20 are listed unless ``--all``. Exits 1 on
+any problem, so it can gate a launch script, and 2 with one ``error:`` line when PATH cannot be
+read at all (a missing ``.idx``: rebuild it with ``python -m data_pipelines.index``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .pool import mapper
 from .scan import Problem, check_label_range, scan_rec
 
 _CHUNK = 256
+_SHOWN = 20  # problems listed without --all
 
 
 def _decode_rec_chunk(
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--num-classes", type=int, default=None, help="override the declared class count"
     )
+    ap.add_argument(
+        "--all", action="store_true", help=f"list every problem, not the first {_SHOWN}"
+    )
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -172,12 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         "workers": a.workers,
         "seed": a.seed,
     }
-    fields, problems, warnings = (check_rec if is_rec else check_folder)(a.path, **kw)
+    try:
+        fields, problems, warnings = (check_rec if is_rec else check_folder)(a.path, **kw)
+    except (OSError, ValueError) as exc:  # a missing .idx, a malformed .idx or property
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(" ".join(f"{k}={v}" for k, v in fields.items()) + f" problems={len(problems)}")
     for w in warnings:
         print(f"WARNING {w}")
-    for p in problems:
+    shown = problems if a.all else problems[:_SHOWN]
+    for p in shown:
         print(f"ERROR {p}")
+    if len(problems) > len(shown):
+        print(f"... and {len(problems) - len(shown)} more; --all lists every one")
     return 1 if problems else 0
 
 

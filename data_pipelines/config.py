@@ -10,7 +10,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SOURCES = ("rec", "folder", "synthetic")
+from .insightface import IMAGE_SIZE
+
+SOURCES = ("rec", "folder")
 READERS = ("external", "native")
 LAST_BATCH = ("drop", "pad")
 # insightface arcface_torch ``dali_aug`` probabilities (recognition/arcface_torch/dataset.py).
@@ -24,12 +26,18 @@ def default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    """Data loading settings; see the README's ``data:`` table for each key's meaning."""
+    """Data loading settings; see the README's ``data:`` table for each key's meaning.
 
-    source: str = "rec"  # rec | folder | synthetic
+    ``resize``: DALI resizes every decoded image to ``image_size`` (always the case when
+    ``image_size`` is not 112). Without it images are centre-cropped to 112, which only fits
+    aligned 112x112 faces: a data set whose ``property`` says another size or ``mixed`` is
+    refused at start-up, and a batch of mismatched sizes raises ``DataError``, both asking for
+    ``data.resize: true``.
+    """
+
+    source: str = "rec"  # rec | folder
     path: str | None = None  # .rec prefix (or x.rec) / folder of identity folders
     num_classes: int | None = None  # None: from `property`, the header, or folder count
-    num_images: int | None = None  # synthetic only: images per epoch
     reader: str = "external"  # external: exact global shuffle; native: fn.readers.*
     last_batch: str = "drop"  # drop | pad (pad repeats real samples, see Loader.valid)
     shuffle: bool = True
@@ -38,7 +46,7 @@ class DataConfig:
     skip_corrupt: bool = False  # drop badly framed / non-integer-label records, counted
     dali_aug: bool | dict[str, float] = False  # True = insightface probabilities
     mirror: float = 0.5  # horizontal flip probability
-    resize: bool = False  # resize decoded images to image_size (folders of other sizes)
+    resize: bool = False  # resize decoded images to image_size (images not all 112x112)
     image_size: int = 112  # output side; not 112: decoded images are resized to it
     num_threads: int = 4  # DALI CPU threads per rank
     prefetch: int = 2  # DALI prefetch queue depth
@@ -52,23 +60,15 @@ class DataConfig:
             _bool(name, getattr(self, name))
         for name in ("num_threads", "prefetch", "image_size"):
             _positive(name, getattr(self, name))
-        for name in ("num_classes", "num_images", "shuffle_buffer"):
+        for name in ("num_classes", "shuffle_buffer"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.stick_to_shard is not None:
             _bool("stick_to_shard", self.stick_to_shard)
         _probability("mirror", self.mirror)
         self.dali_aug = _aug(self.dali_aug)
-        if self.source == "synthetic":
-            if self.num_classes is None or self.num_images is None:
-                raise ValueError(
-                    "data.source 'synthetic' needs data.num_classes and data.num_images"
-                )
-        else:
-            if not self.path:
-                raise ValueError(f"data.path is required for data.source {self.source!r}")
-            if self.num_images is not None:
-                raise ValueError("data.num_images applies only to data.source 'synthetic'")
+        if not self.path:
+            raise ValueError(f"data.path is required for data.source {self.source!r}")
         if self.reader != "native":
             for name in ("shuffle_buffer", "stick_to_shard"):
                 if getattr(self, name) is not None:
@@ -78,11 +78,18 @@ class DataConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> DataConfig:
         """Build from the YAML ``data:`` mapping; unknown keys raise ``ValueError``."""
         d = dict(d or {})
+        if "source" in d:  # first: a wrong source explains its keys being unknown
+            _one_of("source", d["source"], SOURCES)
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"data: unknown key(s) {unknown}; allowed keys: {allowed}")
         return cls(**d)
+
+    @property
+    def resizes(self) -> bool:
+        """Whether DALI resizes decoded images (asked for, or implied by ``image_size``)."""
+        return self.resize or self.image_size != IMAGE_SIZE
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

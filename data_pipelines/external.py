@@ -13,9 +13,9 @@ import torch
 
 from .augment import draw_params
 from .config import DataConfig
-from .jpeg import decode_error
+from .jpeg import decode_error, image_size
 from .loader import Loader, start_pipeline, to_torch
-from .sources import DataError, FolderDataset, RecDataset
+from .sources import DataError, FolderDataset, RecDataset, mismatch_message
 
 
 class ExternalLoader(Loader):
@@ -58,21 +58,29 @@ class ExternalLoader(Loader):
         return (*to_torch(images, labels, self.device), int(self._valid[self._step]))
 
     def _diagnose(self, step: int) -> str:
-        """Name the undecodable samples near ``step`` (DALI's error does not say which)."""
-        bad = []
+        """Name the undecodable or mismatched samples near ``step`` (DALI's error does not)."""
+        bad, odd = [], []
+        side = self.cfg.image_size
         for k in range(step, min(step + self.cfg.prefetch + 1, len(self._indices))):
             for i in self._indices[k]:
-                why = decode_error(self.dataset.read(i))
+                data = self.dataset.read(i)
+                why = decode_error(data)
                 if why:
                     bad.append(f"  {self.dataset.describe(i)}: {why}")
+                elif not self.cfg.resizes:
+                    width, height = image_size(data)
+                    if (width, height) != (side, side):
+                        odd.append(f"{self.dataset.describe(i)} is {width}x{height}")
         where = f"epoch {self.epoch} step {step}"
-        if not bad:
-            return f"DALI failed on {where}; see the chained error"
-        return (
-            f"undecodable image(s) at {where}:\n"
-            + "\n".join(sorted(set(bad)))
-            + "\nFind all with `python -m data_pipelines.check PATH --full`."
-        )
+        if bad:
+            return (
+                f"{self.dataset.path}: undecodable image(s) at {where}:\n"
+                + "\n".join(sorted(set(bad)))
+                + f"\nFind all with `python -m data_pipelines.check {self.dataset.path} --full`."
+            )
+        if odd:
+            return mismatch_message(self.dataset.path, where, odd[0], side)
+        return f"{self.dataset.path}: DALI failed on {where}; see the chained error"
 
     def _close(self) -> None:
         self._pipe = None

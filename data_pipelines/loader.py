@@ -131,7 +131,7 @@ class Loader:
             "num_images": self.num_images,
             "seed": self.seed,
             "shuffle": self.cfg.shuffle,
-            "reader": self.cfg.reader if self.cfg.source != "synthetic" else "synthetic",
+            "reader": self.cfg.reader,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
         }

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,11 @@ import torch
 from .augment import draw_params
 from .config import DataConfig
 from .loader import Loader, ceil_div, mix_seed, start_pipeline, to_torch
-from .sources import FolderDataset, RecDataset
+from .sources import DataError, FolderDataset, RecDataset, mismatch_message
 
 _DEFAULT_SHUFFLE_BUFFER = 16384
+# DALI's crop of an image smaller than the output: "... out of bounds ... input_shape={80 x 64 x 3}"
+_OUT_OF_BOUNDS = re.compile(r"out of bounds.*?input_shape=\{(\d+) x (\d+)", re.DOTALL)
 
 
 class NativeLoader(Loader):
@@ -85,15 +88,36 @@ class NativeLoader(Loader):
         self._fed = 0
         self._pipe = start_pipeline(self, feed=self._feed, reader=reader)
         for _ in range(self._start // self.global_batch):  # replay to the saved position
-            self._pipe.run()
+            self._run()
 
     def _feed(self) -> list[np.ndarray]:
         key = [self.seed, self.epoch, self.rank, self._fed]
         self._fed += 1
         return draw_params(key, self.batch_size, self.cfg.dali_aug, self.cfg.mirror)
 
+    def _run(self) -> tuple[Any, Any]:
+        try:
+            return self._pipe.run()
+        except RuntimeError as exc:
+            message = self._diagnose(str(exc))
+            self._close()  # the pipeline is dead after a DALI error; reopen on the next call
+            raise DataError(message) from exc
+
+    def _diagnose(self, error: str) -> str:
+        """DALI's reader picked the samples, so only its message can say which size failed."""
+        path = self.dataset.path
+        where = f"epoch {self.epoch} step {self._step}"
+        found = _OUT_OF_BOUNDS.search(error)
+        if found and not self.cfg.resizes:
+            example = f"an image is {found[2]}x{found[1]}"
+            return mismatch_message(path, where, example, self.cfg.image_size)
+        return (
+            f"{path}: DALI failed on {where}; see the chained error "
+            f"(`python -m data_pipelines.check {path} --full` names undecodable images)"
+        )
+
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        images, labels = self._pipe.run()
+        images, labels = self._run()
         done = self._start // self.global_batch + self._step
         valid = int(np.clip(self._shard_size - done * self.batch_size, 0, self.batch_size))
         return (*to_torch(images, labels, self.device), valid)

@@ -4,7 +4,9 @@ Writes ``OUT_PREFIX.rec``/``.idx`` in insightface's layout (header, images, iden
 ``property`` file and ``OUT_PREFIX.labels.json`` (label -> folder name). Image order is shuffled
 with ``--seed`` so that readers which only shuffle through a buffer (DALI's) still mix
 identities; ``--sorted`` keeps insightface's identity-grouped order and exact identity ranges.
-Bytes are copied as they are unless ``--resize`` re-encodes to 112x112.
+Bytes are copied as they are unless ``--resize`` re-encodes to 112x112. ``property`` records
+the size the images share, or ``C,mixed`` when they differ: the loader then asks for
+``data.resize: true`` instead of failing mid-run on a batch of mismatched images.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -19,23 +24,29 @@ from PIL import Image
 from tqdm import tqdm
 
 from .folder import save_label_map, scan_folder
-from .insightface import IMAGE_SIZE, split_prefix, write_dataset
-from .jpeg import encode_jpeg
+from .insightface import IMAGE_SIZE, split_prefix, write_property, write_records
+from .jpeg import encode_jpeg, image_size
 from .pool import mapper
 
 
-def load_image(path: str, *, resize: bool, quality: int) -> bytes:
-    """The file's bytes, or a 112x112 RGB JPEG re-encoding of it when ``resize``."""
+def load_image(path: str, *, resize: bool, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """(bytes, (height, width)) of the file, or of a 112x112 RGB JPEG re-encoding when ``resize``.
+
+    The size comes from the header only; a file Pillow cannot identify is refused here, naming
+    it, rather than packed for the loader to fail on mid-run.
+    """
     with open(path, "rb") as f:
         data = f.read()
-    if not resize:
-        return data
     try:
+        if not resize:
+            width, height = image_size(data)
+            return data, (height, width)
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-            return encode_jpeg(np.asarray(rgb), quality=quality)
+            return encode_jpeg(np.asarray(rgb), quality=quality), (IMAGE_SIZE, IMAGE_SIZE)
     except Exception as exc:  # Pillow raises many types for bad files
-        raise ValueError(f"{path}: cannot re-encode: {exc}") from exc
+        action = "re-encode" if resize else "read the image size"
+        raise ValueError(f"{path}: cannot {action}: {exc}") from exc
 
 
 def pack(
@@ -48,8 +59,8 @@ def pack(
     shuffle: bool = True,
     workers: int | None = None,
     progress: bool = False,
-) -> int:
-    """Pack ``src`` into ``out_prefix``; return the number of images written."""
+) -> tuple[int, Counter[tuple[int, int]]]:
+    """Pack ``src`` into ``out_prefix``; return (images written, image count per (height, width))."""
     scan = scan_folder(src)
     if scan.num_images == 0:
         raise ValueError(f"{src}: the identity folders hold no images")
@@ -65,22 +76,30 @@ def pack(
     paths = [scan.path(int(i)) for i in order]
     load = partial(load_image, resize=resize, quality=quality)
     workers = workers or min(os.cpu_count() or 1, 16)
+    sizes: Counter[tuple[int, int]] = Counter()
+
+    def labelled(loaded: Iterator[tuple[bytes, tuple[int, int]]]) -> Iterator[tuple[int, bytes]]:
+        for i, (jpeg, size) in zip(order, loaded, strict=True):
+            sizes[size] += 1
+            yield int(scan.labels[i]), jpeg
+
     with mapper(workers) as pmap:
-        jpegs = pmap(load, paths, chunksize=64)
-        items = zip((int(scan.labels[i]) for i in order), jpegs, strict=True)
+        items = labelled(pmap(load, paths, chunksize=64))
         items = tqdm(items, total=n, desc="pack", unit="img", disable=not progress)
-        write_dataset(
+        write_records(
             out_prefix,
             items,
             num_images=n,
             num_classes=len(scan.class_names),
             identity_ranges=ranges,
         )
-    save_label_map(scan, split_prefix(out_prefix) + ".labels.json")
-    return n
+    prefix = split_prefix(out_prefix)
+    write_property(prefix, len(scan.class_names), next(iter(sizes)) if len(sizes) == 1 else None)
+    save_label_map(scan, prefix + ".labels.json")
+    return n, sizes
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_pipelines.pack", description=__doc__.splitlines()[0]
     )
@@ -94,18 +113,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sorted", action="store_true", help="keep images grouped by identity")
     ap.add_argument("--workers", type=int, default=None)
     a = ap.parse_args(argv)
-    n = pack(
-        a.src_dir,
-        a.out_prefix,
-        resize=a.resize,
-        quality=a.quality,
-        seed=a.seed,
-        shuffle=not a.sorted,
-        workers=a.workers,
-        progress=True,
-    )
+    try:
+        n, sizes = pack(
+            a.src_dir,
+            a.out_prefix,
+            resize=a.resize,
+            quality=a.quality,
+            seed=a.seed,
+            shuffle=not a.sorted,
+            workers=a.workers,
+            progress=True,
+        )
+    except (OSError, ValueError) as exc:  # a bad source folder or image: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"packed {n} images into {split_prefix(a.out_prefix)}.rec")
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h} ({k})" for (h, w), k in sizes.most_common(3))
+        more = ", ..." if len(sizes) > 3 else ""
+        print(
+            f"WARNING images differ in size ({len(sizes)} sizes: {shown}{more}); "
+            "property says mixed: train with data.resize: true or pack again with --resize"
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

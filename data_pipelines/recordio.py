@@ -95,9 +95,21 @@ def frame(payload: bytes) -> bytes:
     return bytes(out)
 
 
-def read_at(buf: bytes | memoryview, offset: int) -> tuple[bytes, int]:
+def read_at(buf: bytes | memoryview | np.ndarray, offset: int) -> tuple[bytes, int]:
     """Read the record at ``offset`` of ``buf``; return (payload, offset of the next record)."""
-    parts: list[bytes] = []
+    spans, nxt = record_spans(buf, offset)
+    return MAGIC_BYTES.join(bytes(buf[start : start + length]) for start, length in spans), nxt
+
+
+def record_spans(
+    buf: bytes | memoryview | np.ndarray, offset: int
+) -> tuple[list[tuple[int, int]], int]:
+    """Check the framing of the record at ``offset`` without copying it.
+
+    Returns the (start, length) of each part and the offset of the next record; raises
+    ``RecordError`` naming the byte offset of a bad magic, truncation or continuation flag.
+    """
+    spans: list[tuple[int, int]] = []
     pos = offset
     while True:
         if pos + 8 > len(buf):
@@ -112,13 +124,13 @@ def read_at(buf: bytes | memoryview, offset: int) -> tuple[bytes, int]:
                 f"truncated record at byte {pos}: needs {length} bytes, "
                 f"{len(buf) - start} left in the file"
             )
-        expected = (0, 1) if not parts else (2, 3)
+        expected = (0, 1) if not spans else (2, 3)
         if cflag not in expected:
             raise RecordError(f"unexpected continuation flag {cflag} at byte {pos}")
-        parts.append(bytes(buf[start : start + length]))
+        spans.append((start, length))
         pos = start + length + (-length % 4)
         if cflag in (0, 3):
-            return MAGIC_BYTES.join(parts), pos
+            return spans, pos
 
 
 class RecordWriter:
@@ -156,6 +168,18 @@ def iter_records(buf: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
     while pos < len(buf):
         payload, nxt = read_at(buf, pos)
         yield pos, payload
+        pos = nxt
+
+
+def iter_offsets(buf: bytes | memoryview | np.ndarray) -> Iterator[int]:
+    """Offsets of the records of a whole .rec in file order, checking framing only.
+
+    The ``RecordError`` of a bad record names its byte offset; every offset before it is good.
+    """
+    pos = 0
+    while pos < len(buf):
+        nxt = record_spans(buf, pos)[1]
+        yield pos
         pos = nxt
 
 

@@ -160,7 +160,7 @@ def scan_rec(prefix: str | os.PathLike, *, progress: bool = False) -> RecScan:
         bar.update(keys.size)
     bar.close()
     kept = np.concatenate(keep_parts, axis=1) if keep_parts else np.zeros((2, 0), np.int64)
-    declared = read_property(prefix)
+    declared = _property_classes(prefix)
     if declared is None and header_range is not None:
         declared = header_range[1] - header_range[0]
     return RecScan(
@@ -177,11 +177,21 @@ def scan_rec(prefix: str | os.PathLike, *, progress: bool = False) -> RecScan:
     )
 
 
+def _property_classes(prefix: str) -> int | None:
+    prop = read_property(prefix)
+    return prop.num_classes if prop is not None else None
+
+
 def _require(prefix: str) -> tuple[str, str]:
-    for path in (prefix + ".rec", prefix + ".idx"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found (expected PREFIX.rec and PREFIX.idx)")
-    return prefix + ".rec", prefix + ".idx"
+    """The ``.rec`` and ``.idx`` paths; a one-line ``FileNotFoundError`` if one is missing."""
+    rec, idx = prefix + ".rec", prefix + ".idx"
+    if not os.path.isfile(rec):
+        raise FileNotFoundError(f"{rec} not found (expected PREFIX.rec and PREFIX.idx)")
+    if not os.path.isfile(idx):
+        raise FileNotFoundError(
+            f"{idx} not found; rebuild it with `python -m data_pipelines.index {rec}`"
+        )
+    return rec, idx
 
 
 def _mark(
@@ -244,7 +254,7 @@ def load_or_scan(
                 image_len=z["image_len"], labels=z["labels"],
                 problems=[Problem(**p) for p in meta["problems"]],
                 header_range=tuple(meta["header_range"]) if meta["header_range"] else None,
-                declared_classes=read_property(prefix) or meta["declared_classes"],
+                declared_classes=_property_classes(prefix) or meta["declared_classes"],
                 num_records=meta["num_records"],
             )  # fmt: skip
     scan = scan_rec(prefix, progress=progress)

@@ -1,7 +1,9 @@
 """Open a data set named by ``DataConfig`` and refuse it before training if it is unusable.
 
 Every problem the loader could hit mid-run -- bad framing, non-integer labels, labels beyond
-the head's class count -- is found here, at start-up, with the record key and byte offset.
+the head's class count, a ``property`` that says the images are not 112x112 -- is found here,
+at start-up, with the record key and byte offset. Every data error is a ``DataError`` whose
+first line names the path; a missing or unreadable file is one line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from .config import DataConfig
 from .folder import FolderScan, save_label_map, scan_folder
-from .insightface import split_prefix
+from .insightface import read_property, split_prefix
 from .scan import Problem, RecScan, check_label_range, load_or_scan
 
 _SHOWN = 5
@@ -24,7 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    """The data set cannot be trained on as configured."""
+    """The data set cannot be trained on as configured; the message names the path."""
+
+
+def _warn_extra_classes(path: str, own: int, configured: int | None) -> None:
+    """A head larger than the data set trains centres no image ever pulls (fewer: an error)."""
+    if configured is not None and configured > own:
+        log.warning(
+            "%s: data.num_classes=%d but the data set has %d identities; the head keeps %d "
+            "centres that no image is labelled with",
+            path,
+            configured,
+            own,
+            configured - own,
+        )
 
 
 def _summary(problems: list[Problem]) -> str:
@@ -42,8 +57,17 @@ class RecDataset:
     def __init__(self, cfg: DataConfig) -> None:
         assert cfg.path is not None
         self.prefix = split_prefix(cfg.path)
+        self.path = self.prefix + ".rec"
         self._cache_dir = cfg.cache_dir
-        self.scan: RecScan = load_or_scan(self.prefix, cfg.cache_dir)
+        try:
+            self.scan: RecScan = load_or_scan(self.prefix, cfg.cache_dir)
+            prop = read_property(self.prefix)
+        except (OSError, ValueError) as exc:  # a missing or malformed .rec, .idx or property
+            folder = os.path.isdir(cfg.path) and not os.path.isfile(self.path)
+            hint = "; for a folder of identity folders set data.source: folder" if folder else ""
+            raise DataError(f"{exc}{hint}") from exc
+        if prop is not None and not cfg.resizes:
+            _check_property_size(self.path, prop.image_size, prop.mixed, cfg.image_size)
         self.skipped = list(self.scan.problems)
         if self.skipped and not cfg.skip_corrupt:
             raise DataError(
@@ -61,9 +85,9 @@ class RecDataset:
         if self.scan.num_images == 0:
             raise DataError(f"{self.prefix}.rec holds no image records")
         self.labels = self.scan.labels
-        self.num_classes = (
-            cfg.num_classes or self.scan.declared_classes or int(self.labels.max()) + 1
-        )
+        own = self.scan.declared_classes or int(self.labels.max()) + 1
+        self.num_classes = cfg.num_classes or own
+        _warn_extra_classes(f"{self.prefix}.rec", own, cfg.num_classes)
         bad = check_label_range(self.labels, self.scan.keys, self.scan.offsets, self.num_classes)
         if bad:
             raise DataError(
@@ -117,12 +141,17 @@ class FolderDataset:
 
     def __init__(self, cfg: DataConfig) -> None:
         assert cfg.path is not None
-        self.scan: FolderScan = scan_folder(cfg.path)
+        self.path = cfg.path
+        try:
+            self.scan: FolderScan = scan_folder(cfg.path)
+        except (OSError, ValueError) as exc:  # not a directory, no identity folders
+            raise DataError(str(exc)) from exc
         if self.scan.num_images == 0:
             raise DataError(f"{cfg.path}: the identity folders hold no images")
         self.labels = self.scan.labels
         self.skipped: list[Problem] = []
         self.num_classes = cfg.num_classes or len(self.scan.class_names)
+        _warn_extra_classes(cfg.path, len(self.scan.class_names), cfg.num_classes)
         bad = check_label_range(self.labels, self.scan.files, None, self.num_classes)
         if bad:
             raise DataError(
@@ -144,6 +173,30 @@ class FolderDataset:
 
     def describe(self, i: int) -> str:
         return f"file {self.scan.path(int(i))}"
+
+
+def _check_property_size(
+    path: str, size: tuple[int, int] | None, mixed: bool, image_size: int
+) -> None:
+    """Refuse what would crash (smaller) or silently crop (larger) in a centre crop."""
+    if mixed:
+        raise DataError(
+            f"{path}: its property file says the images differ in size; "
+            f"set data.resize: true to resize them to {image_size}x{image_size}"
+        )
+    if size is not None and size != (image_size, image_size):
+        raise DataError(
+            f"{path}: its property file says the images are {size[1]}x{size[0]}, not "
+            f"{image_size}x{image_size}; set data.resize: true to resize them"
+        )
+
+
+def mismatch_message(path: str, where: str, example: str, image_size: int) -> str:
+    """One line for a batch DALI could not assemble because images differ in size."""
+    return (
+        f"{path}: images of mismatched sizes at {where} ({example}, expected "
+        f"{image_size}x{image_size}); set data.resize: true to resize them"
+    )
 
 
 def open_dataset(cfg: DataConfig) -> RecDataset | FolderDataset:

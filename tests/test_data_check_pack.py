@@ -51,7 +51,8 @@ def test_pack_round_trip_through_our_reader_and_dali(tmp_path: Path) -> None:
     jpeg = image_jpeg(99)
     special.write_bytes(jpeg[:200] + recordio.MAGIC_BYTES + jpeg[200:])
     expected = _folder_multiset(tmp_path / "src")
-    assert pack(str(tmp_path / "src"), str(tmp_path / "out" / "train"), workers=1) == 31
+    n, sizes = pack(str(tmp_path / "src"), str(tmp_path / "out" / "train"), workers=1)
+    assert (n, dict(sizes)) == (31, {(112, 112): 31})
     prefix = tmp_path / "out" / "train"
     assert _ours(prefix) == expected
     dataset = RecDataset(DataConfig(path=str(prefix), cache_dir=str(tmp_path / "cache")))
@@ -179,3 +180,25 @@ def test_check_reports_an_offset_listed_twice(tmp_path: Path, capsys) -> None:
         out[1]
         == f"ERROR duplicate: key=99 offset={lines[2].split(chr(9))[1]}: offset listed twice in the index"
     )
+
+
+def test_check_lists_the_first_20_problems_unless_all(tmp_path: Path, capsys) -> None:
+    prefix = tmp_path / "train"
+    make_im2rec(prefix, 40, per_id=4)
+    _, offsets = recordio.read_index(f"{prefix}.idx")
+    rec = Path(f"{prefix}.rec")
+    rec.write_bytes(rec.read_bytes()[: int(offsets[5]) + 20])  # records 5..39 are cut off
+    past = [
+        f"ERROR truncated: key={k} offset={int(offsets[k])}: record header lies past the end of the file"
+        for k in range(6, 40)
+    ]
+    cut = (
+        f"ERROR truncated: key=5 offset={int(offsets[5])}: record extends past the end of the file"
+    )
+    summary = "images=5 classes=2 min_label=0 max_label=1 decoded=5 problems=35"
+    code, lines = _run_check(capsys, str(prefix), "--full")
+    assert code == 1
+    assert lines == [summary, *past[:20], "... and 15 more; --all lists every one"]
+    code, lines = _run_check(capsys, str(prefix), "--full", "--all")
+    assert code == 1
+    assert lines == [summary, *past, cut]

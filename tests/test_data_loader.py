@@ -266,25 +266,12 @@ def test_dali_aug_changes_pixels_not_labels(tmp_path: Path) -> None:
     assert float(spread) < 0.02 < float(x0.std(dim=1).mean())
 
 
-def test_synthetic_loader(tmp_path: Path) -> None:
-    cfg = DataConfig(source="synthetic", num_classes=1000, num_images=100, last_batch="pad")
-    loader = build_loader(cfg, batch_size=16, rank=1, world_size=3, device="cpu", seed=2)
-    assert (len(loader), loader.num_classes, loader.num_images) == (3, 1000, 100)
-    batches = list(loader)
-    assert len(batches) == 3 and loader.valid == 0  # rank 1's last batch is all padding
-    for images, labels in batches:
-        assert images.shape == (16, 3, 112, 112) and images.dtype == torch.float32
-        assert labels.dtype == torch.int64 and int(labels.min()) >= 0 and int(labels.max()) < 1000
-    again = list(build_loader(cfg, batch_size=16, rank=1, world_size=3, device="cpu", seed=2))
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
-    assert loader.state_dict()["position"] == 3 * 48
-
-
-def test_decoder_is_mixed_on_gpu_and_cuda_is_refused_without_one() -> None:
+def test_decoder_is_mixed_on_gpu_and_cuda_is_refused_without_one(tmp_path: Path) -> None:
     assert decoder_device(True) == "mixed" and decoder_device(False) == "cpu"
     if gpu_count() > 0:
         pytest.skip("a GPU is present: see test_gpu_loader")
-    cfg = DataConfig(source="synthetic", num_classes=10, num_images=64)
+    make_im2rec(tmp_path / "train", 8, per_id=4)
+    cfg = _cfg(tmp_path / "train", tmp_path)
     with pytest.raises(ValueError, match="DALI sees no CUDA device"):
         build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cuda")
 
@@ -319,8 +306,32 @@ def test_image_size_other_than_112_resizes_after_decode(tmp_path: Path, reader: 
     images, labels = next(iter(build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cpu")))
     assert images.shape == (8, 3, 56, 56) and images.dtype == torch.float32
     assert (labels.numpy() == truth[decode_ids(images)]).all()
-    synthetic = DataConfig(source="synthetic", num_classes=4, num_images=16, image_size=56)
-    images, _ = next(
-        iter(build_loader(synthetic, batch_size=8, rank=0, world_size=1, device="cpu"))
+    plain = _cfg(tmp_path / "train", tmp_path, reader=reader, image_size=56)  # no augmentation
+    images, labels = next(
+        iter(build_loader(plain, batch_size=8, rank=0, world_size=1, device="cpu"))
     )
     assert images.shape == (8, 3, 56, 56)
+    assert (labels.numpy() == truth[decode_ids(images)]).all()
+
+
+@pytest.mark.parametrize("source", ["rec", "folder"])
+def test_num_classes_above_the_data_sets_count_warns_naming_both(
+    tmp_path: Path, source: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    maker = make_insightface if source == "rec" else make_folder
+    maker(tmp_path / "train", 20, per_id=4)  # 5 identities
+    cfg = _cfg(tmp_path / "train", tmp_path, num_classes=8, source=source)
+    with caplog.at_level("WARNING"):
+        loader = build_loader(cfg, batch_size=4, rank=0, world_size=1, device="cpu")
+    assert loader.num_classes == 8
+    assert "data.num_classes=8 but the data set has 5 identities" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_loader(
+            _cfg(tmp_path / "train", tmp_path, num_classes=5, source=source),
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            device="cpu",
+        )
+    assert "num_classes" not in caplog.text

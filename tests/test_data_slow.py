@@ -126,3 +126,27 @@ def test_bench_rewrites_only_its_section(tmp_path: Path) -> None:
     section = text.split("<!-- BEGIN data -->")[1].split("<!-- END data -->")[0]
     assert "old" not in section and "| torch DataLoader + Pillow, 2 workers |" in section
     assert "not run: no GPU in this session" in section or "GPU(s)" in section
+
+
+def test_missing_index_command_lines(tmp_path: Path) -> None:
+    """A lost .idx: ``check`` says so in one line (no traceback), ``index`` rebuilds it."""
+    make_insightface(tmp_path / "train", 12, per_id=3)
+    idx = tmp_path / "train.idx"
+    original = idx.read_bytes()
+    idx.unlink()
+    rec = tmp_path / "train.rec"
+    checked = _cli("data_pipelines.check", str(tmp_path / "train"), "--workers", "1")
+    assert checked.returncode == 2 and checked.stdout == ""
+    assert checked.stderr == (
+        f"error: {idx} not found; rebuild it with `python -m data_pipelines.index {rec}`\n"
+    )
+    rebuilt = _cli("data_pipelines.index", str(rec))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout == f"indexed 17 records of {tmp_path / 'train'}.rec into {idx}\n"
+    assert idx.read_bytes() == original
+    again = _cli("data_pipelines.index", str(rec))
+    assert again.returncode == 2
+    assert again.stderr == f"error: {idx} exists; pass --force to replace it\n"
+    checked = _cli("data_pipelines.check", str(rec), "--full", "--workers", "1")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == "images=12 classes=4 min_label=0 max_label=3 decoded=12 problems=0\n"

@@ -5,11 +5,15 @@
   exported backbone are written.
 * Under ``torchrun`` at ZeRO-1, a SIGTERM to *one* rank stops *both* after the same step with a
   checkpoint of that step; ``--resume`` then continues from the next step.
+* A SIGTERM to the ``train.sh`` PID reaches every rank: a checkpoint of the step reached, no
+  process left, a bit-exact resume, and no ``/dev/shm`` segment left behind.
+* The issue's repro: iresnet18 under the shipped ``zero2_bf16.json`` through ``train.sh``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,3 +152,97 @@ def test_torchrun_sigterm_one_rank_checkpoints_both_then_resume(tmp_path):
     steps = [r["step"] for r in _records(out / "metrics.jsonl")]
     assert steps[-3:] == [stopped, stopped + 1, stopped + 2], steps[-6:]
     assert f"at step {stopped}" in log
+
+
+def _shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def _train_sh(out: Path, *extra: str, **kw) -> subprocess.Popen:
+    cmd = ["./train.sh", "configs/demo_cpu.yaml", "--output", str(out), "--log-every", "1"]
+    cmd += ["--set", "train.max_steps=60", "--set", "train.save_every=0", *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _alive_with(marker: str) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if marker in " ".join(p.info["cmdline"] or []):
+            alive.append(p.info["pid"])
+    return alive
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_sh_saves_every_rank_then_resume_is_exact(tmp_path):
+    """SIGTERM to the PID a scheduler knows (train.sh): every rank saves the step reached, no
+    process outlives it, ``--resume`` continues bit-for-bit, and no /dev/shm segment is left."""
+    shm_before = _shm_segments()
+    ref = _train_sh(tmp_path / "ref")
+    log = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, log[-3000:]
+    want = {r["step"]: r["loss"] for r in _records(tmp_path / "ref" / "metrics.jsonl")}
+    assert sorted(want) == list(range(1, 61))
+
+    out = tmp_path / "pre"
+    proc = _train_sh(out)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(_records(out / "metrics.jsonl")) < 10:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, log[-3000:]
+    assert "SIGTERM: saved step" in log, log[-3000:]
+    stopped = _records(out / "metrics.jsonl")[-1]["step"]
+    assert 10 <= stopped < 60
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    assert json.loads((ckpt / tag / "meta.json").read_text())["step"] == stopped
+    deadline = time.time() + 60
+    while _alive_with(str(out)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive_with(str(out)), "rank processes outlived train.sh"
+
+    resumed = _train_sh(out, "--resume")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"at step {stopped}" in log
+    got = {r["step"]: r["loss"] for r in _records(out / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, 61))
+    for step in range(1, 61):
+        assert got[step] == want[step], (step, got[step], want[step])
+    assert _shm_segments() <= shm_before, _shm_segments() - shm_before
+
+
+@pytest.mark.slow
+def test_train_sh_iresnet_bf16_zero2_as_shipped(tmp_path):
+    """The issue's repro: a BatchNorm backbone under a shipped half-precision ZeRO config through
+    train.sh (it crashed on step 1 when only ``tiny`` fp32 was ever trained)."""
+    out = tmp_path / "r18"
+    sets = ["model.backbone=r18", "data.image_size=112", "train.batch_size=8"]
+    sets += ["train.max_steps=40", "optim.warmup_epochs=0"]
+    proc = subprocess.run(
+        ["./train.sh", "configs/demo_cpu.yaml", "ds_configs/zero2_bf16.json"]
+        + [arg for s in sets for arg in ("--set", s)]
+        + ["--max-steps", "30", "--output", str(out), "--log-every", "1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [r["loss"] for r in _records(out / "metrics.jsonl")]
+    assert len(losses) == 30 and all(map(math.isfinite, losses)), losses
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    backbone = torch.load(out / "backbone.pt", weights_only=True)  # --max-steps still exports
+    assert backbone["features.running_var"].dtype == torch.float32

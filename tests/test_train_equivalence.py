@@ -49,7 +49,7 @@ def _plain_torch(cfg: dict) -> dict:
     from pfc_ds.backbones import get_backbone
     from pfc_ds.train.config import Config
     from pfc_ds.train.schedule import PolynomialLRWarmup
-    from pfc_ds.train.synthetic import SyntheticLoader
+    from pfc_ds.train.synthetic import SyntheticFaces
 
     c = Config.from_dict(cfg)
     torch.manual_seed(c.train.seed)
@@ -66,7 +66,7 @@ def _plain_torch(cfg: dict) -> dict:
         net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
     )
     hopt = pfc_ds.SparseSGD(head, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    loader = SyntheticLoader(
+    loader = SyntheticFaces(
         num_classes=c.data.num_classes,
         num_images=c.data.num_images,
         image_size=c.data.image_size,

@@ -17,7 +17,7 @@ from pfc_ds.train.config import Config, ConfigError, load_config
 from pfc_ds.train.engine import build_ds_config
 from pfc_ds.train.metrics import MetricsLogger
 from pfc_ds.train.schedule import PolynomialLRWarmup
-from pfc_ds.train.synthetic import SyntheticLoader, synthetic_samples
+from pfc_ds.train.synthetic import SyntheticFaces, synthetic_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,11 @@ def test_set_overrides_and_types():
     assert cfg.optim.lr == 0.01
 
 
+def test_sample_rate_zero_means_positives_only_as_in_the_head():
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["head.sample_rate=0"])
+    assert cfg.head.sample_rate == 0.0
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -87,7 +92,8 @@ def test_set_overrides_and_types():
         ("train.batch_size=0", "train.batch_size must be >= 1"),
         ("train.batch_size=abc", "train.batch_size must be int, got 'abc'"),
         ("head.momentum_dtype=fp8", "allowed: null, fp32, fp16, bf16"),
-        ("head.sample_rate=0", "head.sample_rate must be in (0, 1]"),
+        ("head.sample_rate=1.5", "head.sample_rate must be in [0, 1], got 1.5"),
+        ("head.sample_rate=-0.1", "head.sample_rate must be in [0, 1], got -0.1"),
         ("data.rec=/x", "data.rec is not a key of the synthetic source; allowed: source, "),
         ("bogus.x=1", "unknown key 'bogus'; allowed: model, head, data, optim, train"),
         ("train.batch_size", "--set expects key=value"),
@@ -183,8 +189,8 @@ def test_synthetic_is_a_function_of_the_global_index():
 
 def test_synthetic_ranks_read_the_single_rank_global_batch():
     kw = {"num_classes": 5, "num_images": 48, "image_size": 16, "seed": 1}
-    one = SyntheticLoader(batch_size=8, **kw)
-    two = [SyntheticLoader(batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
+    one = SyntheticFaces(batch_size=8, **kw)
+    two = [SyntheticFaces(batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
     assert len(one) == len(two[0]) == 6
     for (x, y), (x0, y0), (x1, y1) in zip(one, two[0], two[1], strict=True):
         assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
@@ -192,12 +198,12 @@ def test_synthetic_ranks_read_the_single_rank_global_batch():
 
 def test_synthetic_state_resumes_mid_epoch_and_across_epochs():
     kw = {"num_classes": 5, "num_images": 40, "image_size": 16, "batch_size": 8}
-    a = SyntheticLoader(**kw)
+    a = SyntheticFaces(**kw)
     it = iter(a)
     next(it), next(it)
     state = a.state_dict()
     rest = _epoch(it)
-    b = SyntheticLoader(**kw)
+    b = SyntheticFaces(**kw)
     b.load_state_dict(state)
     assert torch.equal(_epoch(b)[0], rest[0])
     a.reset()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pfc_ds.backbones._common import autocast_fp16, run_maybe_checkpointed
+from pfc_ds.backbones.norms import BatchNorm1d, BatchNorm2d
 
 # Blocks per stage for each depth, as in insightface's iresnet18 ... iresnet200.
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
@@ -34,17 +35,17 @@ class IBasicBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch, eps=1e-5)
+        self.bn1 = BatchNorm2d(in_ch, eps=1e-5)
         self.conv1 = _conv3x3(in_ch, out_ch)
-        self.bn2 = nn.BatchNorm2d(out_ch, eps=1e-5)
+        self.bn2 = BatchNorm2d(out_ch, eps=1e-5)
         self.prelu = nn.PReLU(out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch, stride)
-        self.bn3 = nn.BatchNorm2d(out_ch, eps=1e-5)
+        self.bn3 = BatchNorm2d(out_ch, eps=1e-5)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_ch, eps=1e-5),
+                BatchNorm2d(out_ch, eps=1e-5),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class IResNet(nn.Module):
         self.fp16 = fp16
         self.gradient_checkpointing = gradient_checkpointing
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+        self.bn1 = BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
         in_ch = 64
         for i, (width, blocks) in enumerate(zip(_STAGE_WIDTHS, layers, strict=True)):
@@ -81,10 +82,10 @@ class IResNet(nn.Module):
             stage += [IBasicBlock(width, width) for _ in range(blocks - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             in_ch = width
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.bn2 = BatchNorm2d(512, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(512 * _FINAL_HW * _FINAL_HW, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        self.features = BatchNorm1d(embedding_size, eps=1e-5)
         self._init_weights()
 
     def _init_weights(self) -> None:

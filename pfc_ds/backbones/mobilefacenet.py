@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pfc_ds.backbones._common import autocast_fp16, run_maybe_checkpointed
+from pfc_ds.backbones.norms import BatchNorm1d, BatchNorm2d
 
 _Pair = tuple[int, int]
 
@@ -31,7 +32,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
+            BatchNorm2d(out_ch),
             nn.PReLU(out_ch),
         )
 
@@ -54,7 +55,7 @@ class LinearBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
+            BatchNorm2d(out_ch),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class GDC(nn.Module):
             LinearBlock(512, 512, kernel=(7, 7), groups=512),
             nn.Flatten(),
             nn.Linear(512, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size),
+            BatchNorm1d(embedding_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfc_ds.backbones._common import autocast_fp16, autocast_off, run_maybe_checkpointed
+from pfc_ds.backbones.norms import BatchNorm1d, LayerNorm
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -68,9 +69,9 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.drop_path = drop_path
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads, proj_drop=drop)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,12 +131,12 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, dropout, r) for r in rates
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim)
         self.feature = nn.Sequential(
             nn.Linear(embed_dim * n, embed_dim, bias=False),
-            nn.BatchNorm1d(embed_dim, eps=2e-5),
+            BatchNorm1d(embed_dim, eps=2e-5),
             nn.Linear(embed_dim, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size, eps=2e-5),
+            BatchNorm1d(embedding_size, eps=2e-5),
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self._init_weights()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pfc_ds.head import seeds
 from pfc_ds.head.workspace import Workspace
 
 # Centres are drawn in fixed blocks of global rows, each from its own seeded generator, so the
@@ -28,7 +29,7 @@ def init_centres(
         class_start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1 if num_local else 0
     ):
         lo = block * _INIT_BLOCK
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        gen = torch.Generator().manual_seed(seeds.centre_block(seed, block))
         rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen).mul_(_INIT_STD)
         a, b = max(lo, class_start), min(lo + _INIT_BLOCK, end)
         out[a - class_start : b - class_start] = rows[a - lo : b - lo]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pfc_ds.head import seeds
 from pfc_ds.head.bank import STORAGE_DTYPES, CenterBank, init_centres
 from pfc_ds.head.collectives import (
     ProcessGroup,
@@ -102,7 +103,7 @@ class PartialFC(torch.nn.Module):
         self.process_group = process_group
         self.gemm_dtype = gemm_dtype
         weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
-        self.bank = CenterBank(weight.to(device), momentum_dtype, seed=seed * 1_000_003 + rank)
+        self.bank = CenterBank(weight.to(device), momentum_dtype, seed=seeds.rounding(seed, rank))
         self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank, device)
         self.workspace = Workspace(device)
         self.pending: list[SampledRows] = []

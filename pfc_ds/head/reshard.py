@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pfc_ds.head import seeds
 from pfc_ds.head.sharding import overlaps, shard_range
 
 Shard = dict
@@ -50,7 +51,7 @@ def shard_meta(shards: Sequence[Shard]) -> tuple[int, int, int]:
 
 def resharded_rng(seed: int, dst_world: int, dst_rank: int) -> torch.Tensor:
     """Generator state of ``dst_rank`` after a reshard to ``dst_world`` ranks."""
-    mixed = (seed * 1_000_003 + dst_world * 7_919 + dst_rank * 104_729 + 17) % (2**63)
+    mixed = seeds.resharded_sampler(seed, dst_world, dst_rank)
     return torch.Generator().manual_seed(mixed).get_state()
 
 

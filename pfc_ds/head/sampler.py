@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from pfc_ds.head import seeds
+
 
 class ClassSampler:
     """Samples ``num_sample = int(sample_rate * num_local)`` rows of one shard per step.
@@ -30,7 +32,7 @@ class ClassSampler:
         self.num_sample = int(sample_rate * num_local)
         self.device = torch.device(device)
         # The CPU generator keeps the state format (and so checkpoints) device-independent.
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * rank + 1)
+        self.generator = torch.Generator().manual_seed(seeds.sampler(seed, rank))
 
     def sample(self, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positives``: local rows of the batch's targets (repeats allowed).

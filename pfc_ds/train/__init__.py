@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Config", "Trainer", "load_config"]
+__all__ = ["USER_ERRORS", "Config", "Trainer", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Trainer":
-        from pfc_ds.train.loop import Trainer
+    if name in ("Trainer", "USER_ERRORS"):
+        from pfc_ds.train import loop
 
-        return Trainer
+        return getattr(loop, name)
     if name in ("Config", "load_config"):
         from pfc_ds.train import config
 

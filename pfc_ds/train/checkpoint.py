@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pfc_ds.head import collectives
 from pfc_ds.head.reshard import reshard_shard
 from pfc_ds.train.shard_files import atomic_save, find_shards, load_shard, shard_name
 
@@ -42,12 +43,6 @@ FORMAT = 1
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -99,7 +94,7 @@ def save(
     keep_last: int = 0,
 ) -> Path:
     """Save everything of ``step`` on every rank (collective); returns the tag folder."""
-    rank, world = _rank_world()
+    world, rank = collectives.world(None)
     root = Path(output) / CHECKPOINTS
     tag = tag_for(step)
     folder = root / tag
@@ -157,7 +152,7 @@ def find_latest(output: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None
 
 def load_head(head, folder: Path, meta: dict[str, Any], *, seed: int) -> None:
     """Load this rank's head shard, resharding exactly if the world size changed."""
-    rank, world = _rank_world()
+    world, rank = collectives.world(None)
     paths = find_shards(folder)
     src_world = len(paths)
     if src_world == world:
@@ -179,7 +174,7 @@ def load_head(head, folder: Path, meta: dict[str, Any], *, seed: int) -> None:
 
 def load_trainer_state(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """This rank's trainer state; after a world-size change, rank 0's without its RNG."""
-    rank, world = _rank_world()
+    world, rank = collectives.world(None)
     if meta["world_size"] == world:
         return torch.load(folder / f"trainer_state_{rank:05d}.pt", weights_only=False)
     state = torch.load(folder / "trainer_state_00000.pt", weights_only=False)
@@ -189,11 +184,19 @@ def load_trainer_state(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def consolidated_backbone(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The backbone's fp32 weights from a checkpoint of any ZeRO stage and world size."""
-    if meta["zero_stage"] == 0:  # the module states are complete (fp16 runs: rounded to fp16)
+    if meta["zero_stage"] == 0:
         states = torch.load(
             folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+        out = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+        # Under fp16/bf16 the module holds rounded copies; the optimizer has the fp32 masters,
+        # in the order of ``meta["trained_params"]`` (absent in older checkpoints).
+        masters = (states.get("optimizer") or {}).get("fp32_groups")
+        if masters and meta.get("trained_params"):
+            flat = [t for group in masters for t in group]
+            for name, value in zip(meta["trained_params"], flat, strict=True):
+                out[name] = value.detach().float().reshape(out[name].shape).clone()
+        return out
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     full = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
@@ -205,7 +208,7 @@ def make_universal(folder: Path) -> Path:
 
     Raises ``RuntimeError`` on every rank if the conversion failed on rank 0.
     """
-    rank, world = _rank_world()
+    world, rank = collectives.world(None)
     out = folder.parent / "universal" / folder.name
     error = None
     if rank == 0 and not (out / ".complete").is_file():

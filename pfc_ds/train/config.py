@@ -128,8 +128,8 @@ class Config:
         _choice("head.gemm_dtype", self.head.gemm_dtype, GEMM_DTYPES)
         if len(self.head.margin) != 3:
             raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
-        if not 0.0 < self.head.sample_rate <= 1.0:
-            raise ConfigError(f"head.sample_rate must be in (0, 1], got {self.head.sample_rate}")
+        if not 0.0 <= self.head.sample_rate <= 1.0:  # 0: positives only, as in the head
+            raise ConfigError(f"head.sample_rate must be in [0, 1], got {self.head.sample_rate}")
         if self.data.num_classes is None and self.data.source == "synthetic":
             raise ConfigError("data.num_classes is required with data.source: synthetic")
         for key, value in (

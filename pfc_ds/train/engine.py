@@ -59,11 +59,17 @@ def load_ds_config(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     if isinstance(source, dict):
         return json.loads(json.dumps(source))
     with open(source) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from exc
 
 
-def build_ds_config(source, cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON with the YAML's batch sizes written in; checks what would clash."""
+def build_ds_config(source, cfg: Config, world_size: int | None) -> dict[str, Any]:
+    """The DeepSpeed JSON with the YAML's batch sizes written in; checks what would clash.
+
+    ``world_size=None`` (the pre-launch check) leaves ``train_batch_size`` out.
+    """
     ds = load_ds_config(source)
     for key in ("optimizer", "scheduler"):
         if key in ds:
@@ -74,8 +80,9 @@ def build_ds_config(source, cfg: Config, world_size: int) -> dict[str, Any]:
     want = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size,
     }
+    if world_size is not None:
+        want["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * world_size
     for key, value in want.items():
         if key in ds and ds[key] != value:
             raise ConfigError(
@@ -149,8 +156,9 @@ def full_backbone_state(engine) -> dict[str, torch.Tensor]:
     module = engine.module
     out: dict[str, torch.Tensor] = {}
     fp32_groups = None
-    if engine.zero_optimization_stage() == 0 and engine.fp16_enabled():
-        # FP16_(Unfused)Optimizer keeps its fp32 masters in groups parallel to the params.
+    if engine.zero_optimization_stage() == 0 and precision(engine) != "fp32":
+        # FP16_(Unfused)Optimizer keeps its fp32 masters in groups parallel to the params, under
+        # bf16 too; the module's half copy would round small updates away.
         fp32_groups = {
             id(p): m
             for g16, g32 in zip(

@@ -1,6 +1,6 @@
 """``Trainer``: wires config -> data -> backbone engine -> head, and runs the step loop.
 
-The loop counts optimizer steps. A SIGTERM (preemption) is all-reduced at every step boundary, so
+The loop counts optimizer steps. A SIGTERM or SIGINT (preemption) is all-reduced at every step boundary, so
 every rank stops after the same step, saves a checkpoint and returns; ``train.py`` then exits 143.
 Under fp32/bf16 a non-finite loss raises ``FloatingPointError`` naming the step; under fp16 it is
 an overflow (both optimizers skip and the scale backs off) until ``train.max_skipped_steps``
@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from pfc_ds.head import seeds
 from pfc_ds.train import checkpoint as ckpt
-from pfc_ds.train.config import Config
+from pfc_ds.train.config import Config, ConfigError
+from pfc_ds.train.distributed import init_distributed
 from pfc_ds.train.engine import (
     Lockstep,
+    StepResult,
     build_ds_config,
     build_optimizer,
     ds_config_summary,
@@ -35,27 +36,31 @@ from pfc_ds.train.engine import (
 )
 from pfc_ds.train.metrics import MetricsLogger, StepTimer
 from pfc_ds.train.schedule import PolynomialLRWarmup
+from pfc_ds.train.stop import StopRequest
 
 log = logging.getLogger("pfc_ds.train")
 
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from data_pipelines.recordio import RecordError
+    from data_pipelines.sources import DataError
+
+    return (ConfigError, DataError, RecordError, FileNotFoundError)
+
+
+# A bad key, value or file, identical on every rank: ``train.py`` prints it once, no traceback.
+USER_ERRORS = _user_errors()
+
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def init_distributed() -> tuple[int, int]:
-    """Initialise (or adopt an already initialised) process group through DeepSpeed."""
-    import deepspeed
-
-    deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
-    return dist.get_rank(), dist.get_world_size()
 
 
 def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
     """The data iterator: the built-in synthetic source or ``data_pipelines`` (DALI)."""
     d = cfg.data
     if d.source == "synthetic":
-        from pfc_ds.train.synthetic import SyntheticLoader
+        from pfc_ds.train.synthetic import SyntheticFaces
 
-        return SyntheticLoader(
+        return SyntheticFaces(
             num_classes=d.num_classes,
             num_images=d.num_images,
             image_size=d.image_size,
@@ -69,9 +74,12 @@ def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
     from data_pipelines.config import DataConfig as PipelineConfig
 
     given = {} if d.num_classes is None else {"num_classes": d.num_classes}
-    pipe_cfg = PipelineConfig.from_dict(
-        {"source": d.source, "image_size": d.image_size, **given, **d.pipeline}
-    )
+    try:
+        pipe_cfg = PipelineConfig.from_dict(
+            {"source": d.source, "image_size": d.image_size, **given, **d.pipeline}
+        )
+    except ValueError as exc:  # data_pipelines names the key; make it a config error
+        raise ConfigError(str(exc)) from exc
     loader = data_pipelines.build_loader(
         pipe_cfg,
         batch_size=cfg.train.batch_size,
@@ -130,7 +138,6 @@ class Trainer:
         self.stream = stream
         self.history: list[dict[str, Any]] = []
         self.stopped_by_signal = False
-        self._sigterm = False
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -190,7 +197,7 @@ class Trainer:
             timer=self.timer,
         )
         self.step, self.epoch = 0, 0
-        torch.manual_seed(cfg.train.seed + 1 + self.rank)  # dropout etc. differ per rank
+        torch.manual_seed(seeds.backbone(cfg.train.seed, self.rank))  # dropout differs per rank
         if found is not None:
             self._restore(found, restore)
         if self.rank == 0:
@@ -244,7 +251,11 @@ class Trainer:
             "num_classes": self.cfg.data.num_classes,
             "embedding_size": self.cfg.model.embedding_size,
             "backbone": self.cfg.model.backbone,
+            "backbone_options": self.cfg.model.options,
             "global_batch": self.global_batch,
+            "trained_params": [
+                n for n, p in self.engine.module.named_parameters() if p.requires_grad
+            ],
         }
 
     # ---- resume --------------------------------------------------------------------------
@@ -297,110 +308,158 @@ class Trainer:
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {uni}")
         step = int(meta["step"])
-        ckpt.load_head(self.head, folder, meta, seed=self.cfg.train.seed * 1_000_003 + step)
+        ckpt.load_head(
+            self.head, folder, meta, seed=seeds.resumed_rounding(self.cfg.train.seed, step)
+        )
         state = ckpt.load_trainer_state(folder, meta)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.loader.load_state_dict(state["data"])
         if "rng" in state:
             ckpt.set_rng_state(state["rng"])
         else:
-            torch.manual_seed(self.cfg.train.seed + 1 + self.rank + 7919 * self.step)
+            torch.manual_seed(seeds.backbone(self.cfg.train.seed, self.rank, self.step))
         if self.rank == 0:
             log.info("resumed from %s at step %d (%s restore)", folder, self.step, how)
+            self._warn_changed_run(meta, state.get("schedule"))
+
+    def _schedule_state(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"warmup_steps": s.warmup_steps, "total_steps": s.total_steps, "power": s.power}
+
+    def _warn_changed_run(self, meta: dict[str, Any], saved: dict[str, Any] | None) -> None:
+        """A resume that silently changes the LR curve or the global batch is a different run."""
+        if meta.get("global_batch", self.global_batch) != self.global_batch:
+            log.warning(
+                "resume changes the global batch %d -> %d (world size %d -> %d, batch %d x "
+                "accum %d per rank); the LR is not rescaled",
+                meta["global_batch"],
+                self.global_batch,
+                meta["world_size"],
+                self.world_size,
+                self.cfg.train.batch_size,
+                self.cfg.train.grad_accum,
+            )
+        if saved is not None and saved != self._schedule_state():
+            before = PolynomialLRWarmup(**saved).factor(self.step) * self.cfg.optim.lr
+            after = self.schedule.factor(self.step) * self.cfg.optim.lr
+            log.warning(
+                "resume changes the LR schedule %s -> %s (train.max_steps, train.epochs, "
+                "optim.warmup_epochs or the steps per epoch changed): the LR of step %d jumps "
+                "from %.4g to %.4g",
+                saved,
+                self._schedule_state(),
+                self.step + 1,
+                before,
+                after,
+            )
 
     # ---- loop ----------------------------------------------------------------------------
 
     def fit(self, stop_at: int | None = None) -> list[dict[str, Any]]:
-        """Train to ``total_steps`` (or ``stop_at``), saving checkpoints; returns the history."""
+        """Train to the schedule's end, or stop after step ``stop_at``; returns the history.
+
+        ``stop_at`` (``--max-steps``) only stops early: the LR schedule always spans
+        ``total_steps`` (``train.max_steps`` or ``train.epochs``), so a run stopped at 20 and
+        resumed to 30 follows the same LR curve as one run straight to 30. Writes a checkpoint
+        at the last step and ``OUTPUT/backbone.pt`` unless stopped by a signal.
+        """
         if not hasattr(self, "engine"):
             self.setup()
-        cfg = self.cfg
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         logger = MetricsLogger(
             self.output,
             rank=self.rank,
             total_steps=self.total_steps,
-            tensorboard=cfg.train.tensorboard,
+            tensorboard=self.cfg.train.tensorboard,
             stream=self.stream,
         )
         logger.start(self.step)
-        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        restore_signal = self._install_sigterm()
-        skipped_in_a_row = 0
-        window: list[float] = []
-        since_log = 0
+        self._skipped_in_a_row = 0
+        self._since_log = 0
         self.timer.reset()
         try:
-            while self.step < end:
-                batches = iter(self.loader)
-                # The loader owns the epoch: iterating an exhausted one (e.g. resumed at an
-                # epoch's last step) already starts the next epoch.
-                self.epoch = getattr(self.loader, "epoch", self.epoch)
-                exhausted = False
-                while self.step < end:
-                    t0 = time.perf_counter()
-                    try:
-                        images, labels = next(batches)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    self.timer.add("data", time.perf_counter() - t0)
-                    res = self.lockstep.micro_step(images, labels, self.step)
-                    window.append(res.loss)
-                    if not res.boundary:
-                        continue
-                    self.step += 1
-                    since_log += 1
-                    loss = sum(window) / len(window)
-                    window.clear()
-                    self.history.append(
-                        {
-                            "step": self.step,
-                            "loss": loss,
-                            "lr": res.lr,
-                            "loss_scale": res.loss_scale,
-                            "applied": res.applied,
-                        }
-                    )
-                    skipped_in_a_row = 0 if res.applied else skipped_in_a_row + 1
-                    if skipped_in_a_row > cfg.train.max_skipped_steps:
-                        raise FloatingPointError(
-                            f"step {self.step}: {skipped_in_a_row} optimizer steps in a row "
-                            f"skipped for non-finite gradients (loss {loss}, loss scale "
-                            f"{res.loss_scale}); training diverged"
-                        )
-                    if self.step % cfg.train.log_every == 0 or self.step == end:
-                        logger.log(
-                            self.step,
-                            loss=loss,
-                            lr=res.lr,
-                            images=since_log * self.global_batch,
-                            steps=since_log,
-                            loss_scale=loss_scale(self.engine),
-                            phases=self.timer.reset(),
-                            extra=self._log_extra(res),
-                        )
-                        since_log = 0
-                    stop = self._stop_requested()
-                    if (
-                        stop
-                        or self.step == end
-                        or (cfg.train.save_every and self.step % cfg.train.save_every == 0)
-                    ):
+            with StopRequest() as stop:
+                for res, loss in self._optimizer_steps(end):
+                    self._record(res, loss)
+                    self._log(logger, res, loss, end)
+                    if stop.agreed(self.engine.device):
                         self.save()
-                    if stop:
                         self.stopped_by_signal = True
-                        if self.rank == 0:
-                            log.warning("SIGTERM: saved step %d, stopping", self.step)
+                        if stop.signal_name is not None or self.rank == 0:
+                            why = stop.signal_name or "a signal to another rank"
+                            log.warning("%s: saved step %d, stopping", why, self.step)
                         return self.history
-                if exhausted:
-                    self.loader.reset()
-                    self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
-            if self.step >= self.total_steps:
-                self.export()
-            return self.history
+                    every = self.cfg.train.save_every
+                    if self.step == end or (every and self.step % every == 0):
+                        self.save()
         finally:
-            restore_signal()
             logger.close()
+        self.export()
+        return self.history
+
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, labels)`` epoch after epoch; the loader owns the epoch count."""
+        while True:
+            # Iterating an exhausted loader (resumed at an epoch's last step) starts the next.
+            batches = iter(self.loader)
+            self.epoch = getattr(self.loader, "epoch", self.epoch)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                self.timer.add("data", time.perf_counter() - t0)
+                yield batch
+            self.loader.reset()
+            self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
+
+    def _optimizer_steps(self, end: int) -> Iterator[tuple[StepResult, float]]:
+        """Run micro-batches; yield each optimizer step's result and its mean loss."""
+        batches = self._micro_batches()
+        window: list[float] = []
+        while self.step < end:
+            images, labels = next(batches)
+            res = self.lockstep.micro_step(images, labels, self.step)
+            window.append(res.loss)
+            if res.boundary:
+                self.step += 1
+                yield res, sum(window) / len(window)
+                window.clear()
+
+    def _record(self, res: StepResult, loss: float) -> None:
+        self.history.append(
+            {
+                "step": self.step,
+                "loss": loss,
+                "lr": res.lr,
+                "loss_scale": res.loss_scale,
+                "applied": res.applied,
+            }
+        )
+        self._skipped_in_a_row = 0 if res.applied else self._skipped_in_a_row + 1
+        if self._skipped_in_a_row > self.cfg.train.max_skipped_steps:
+            raise FloatingPointError(
+                f"step {self.step}: {self._skipped_in_a_row} optimizer steps in a row skipped "
+                f"for non-finite gradients (loss {loss}, loss scale {res.loss_scale}); "
+                "training diverged"
+            )
+
+    def _log(self, logger: MetricsLogger, res: StepResult, loss: float, end: int) -> None:
+        self._since_log += 1
+        if self.step % self.cfg.train.log_every and self.step != end:
+            return
+        logger.log(
+            self.step,
+            loss=loss,
+            lr=res.lr,
+            images=self._since_log * self.global_batch,
+            steps=self._since_log,
+            loss_scale=loss_scale(self.engine),
+            phases=self.timer.reset(),
+            extra=self._log_extra(res),
+        )
+        self._since_log = 0
 
     def _log_extra(self, res) -> dict[str, Any]:
         extra: dict[str, Any] = {"epoch": self.epoch, "skipped": not res.applied}
@@ -409,7 +468,12 @@ class Trainer:
         return extra
 
     def save(self) -> Path:
-        state = {"step": self.step, "epoch": self.epoch, "data": self.loader.state_dict()}
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "data": self.loader.state_dict(),
+            "schedule": self._schedule_state(),
+        }
         return ckpt.save(
             self.engine,
             self.head,
@@ -433,23 +497,3 @@ class Trainer:
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         return full_backbone_state(self.engine)
-
-    # ---- signals -------------------------------------------------------------------------
-
-    def _install_sigterm(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            self._sigterm = True
-
-        signal.signal(signal.SIGTERM, handler)
-        return lambda: signal.signal(signal.SIGTERM, previous)
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._sigterm else 0.0])
-        if self.engine.device.type != "cpu" and dist.get_backend() != "gloo":
-            flag = flag.to(self.engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)

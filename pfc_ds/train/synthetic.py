@@ -72,7 +72,7 @@ def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, :, :size, :size].contiguous()
 
 
-class SyntheticLoader:
+class SyntheticFaces:
     """Rank ``rank``'s share of a deterministic synthetic stream (see the module docstring)."""
 
     def __init__(

@@ -1,0 +1,42 @@
+"""Every random stream of a run, derived from its one ``seed`` in one place.
+
+Streams must not collide (the centres of block 3 must not equal rank 3's sampler), and each must
+be a pure function of what defines it, so one seed gives the same centres at any world size and a
+resharded run gets fresh but reproducible samplers.
+"""
+
+from __future__ import annotations
+
+_STRIDE = 1_000_003  # a prime above any block, rank or step count mixed in below
+_RANK = 7_919
+_RANK2 = 104_729
+
+
+def centre_block(seed: int, block: int) -> int:
+    """Initial centres of one block of global rows (independent of the sharding)."""
+    return seed * _STRIDE + block
+
+
+def rounding(seed: int, rank: int) -> int:
+    """A rank's stochastic-rounding stream for half-precision centre storage."""
+    return seed * _STRIDE + rank
+
+
+def sampler(seed: int, rank: int) -> int:
+    """A rank's negative-sampling stream."""
+    return seed * _STRIDE + _RANK * rank + 1
+
+
+def resharded_sampler(seed: int, world: int, rank: int) -> int:
+    """A rank's sampler after resharding to ``world`` ranks (the old streams do not map)."""
+    return (seed * _STRIDE + world * _RANK + rank * _RANK2 + 17) % (2**63)
+
+
+def resumed_rounding(seed: int, step: int) -> int:
+    """The rounding stream's base after a resume at ``step`` (rounding state is not saved)."""
+    return seed * _STRIDE + step
+
+
+def backbone(seed: int, rank: int, step: int = 0) -> int:
+    """Dropout, drop-path and masking on one rank; the backbone's init uses ``seed`` itself."""
+    return seed + 1 + rank + _RANK * step

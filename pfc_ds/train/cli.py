@@ -1,0 +1,85 @@
+"""``train.py``'s arguments, and the config check ``train.sh`` runs before it starts any rank.
+
+A typo in a YAML key used to surface once per rank, after DeepSpeed's start-up, wrapped in the
+launcher's own messages. ``python -m pfc_ds.train.cli ARGS`` reads the same arguments, builds the
+config and the DeepSpeed JSON in one process without DeepSpeed, and prints one line on a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pfc_ds.train.config import Config, ConfigError, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.batch_size=64 (repeatable)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this optimizer step (the LR schedule still spans train.max_steps or "
+        "train.epochs, so a later --resume continues the same curve)",
+    )
+    p.add_argument("--output", help="output folder (train.output)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in the output folder, if any",
+    )
+    p.add_argument("--log-every", type=int, help="log every N optimizer steps (train.log_every)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.output is not None:
+        overrides.append(f"train.output={args.output}")
+    if args.log_every is not None:
+        overrides.append(f"train.log_every={args.log_every}")
+    return load_config(args.config, overrides)
+
+
+def check(argv: list[str]) -> str | None:
+    """The first problem with these ``train.py`` arguments, or ``None``."""
+    from pfc_ds.train.engine import build_ds_config
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    p.add_argument("--deepspeed_config")
+    args, _ = p.parse_known_args(argv)
+    try:
+        cfg = config_from_args(args)
+        ds = build_ds_config(args.deepspeed_config or cfg.train.deepspeed, cfg, world_size=None)
+    except (ConfigError, OSError) as exc:
+        return str(exc)
+    if ds.get("fp16", {}).get("enabled"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return (
+                f"{args.deepspeed_config or cfg.train.deepspeed} enables fp16, which DeepSpeed "
+                "does not run on a CPU; use a bf16 or fp32 config there (ds_configs/cpu_bf16.json, "
+                "zero{0,1,2,3}_bf16.json, cpu.json, zero{0,1,2,3}_fp32.json)"
+            )
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    problem = check(sys.argv[1:] if argv is None else argv)
+    if problem is not None:
+        print(f"train.sh: error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
