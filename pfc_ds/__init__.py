@@ -1,5 +1,5 @@
 """pfc_ds: Partial FC face-recognition training on DeepSpeed and DALI."""
 
-from pfc_ds.head import CombinedMarginLoss, PartialFC, SparseSGD, shard_range
+from pfc_ds.head import CombinedMarginLoss, PartialFC, SparseAdamW, SparseSGD, shard_range
 
-__all__ = ["CombinedMarginLoss", "PartialFC", "SparseSGD", "shard_range"]
+__all__ = ["CombinedMarginLoss", "PartialFC", "SparseAdamW", "SparseSGD", "shard_range"]

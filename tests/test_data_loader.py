@@ -276,6 +276,7 @@ def test_decoder_is_mixed_on_gpu_and_cuda_is_refused_without_one(tmp_path: Path)
         build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() == 0, reason="no CUDA device visible to DALI")
 def test_gpu_loader(tmp_path: Path) -> None:
     truth = make_insightface(tmp_path / "train", 32, per_id=4)

@@ -22,36 +22,61 @@ def batch(seed, n=32, num_classes=1000):
     return torch.randn(n, D, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
+def _taken(index, active):
+    return index if active is None else index[active]
+
+
 def test_positives_count_and_sorted_remap():
     sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0, device="cpu")
     positives = torch.tensor([5, 999, 5, 0, 417])
-    index, remap = sampler.sample(positives)
+    index, target, active = sampler.sample(positives)
+    assert active is None  # 100 slots always cover a batch of 5
     assert len(index) == 100 and len(set(index.tolist())) == 100
     assert torch.equal(index, index.sort().values)
-    assert torch.equal(index[remap], positives)
+    assert torch.equal(index[target], positives)
+
+
+def test_labels_of_other_shards_get_no_column():
+    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0, device="cpu")
+    local = torch.tensor([5, -3, 1000, 7, -1])  # what labels - class_start gives off the shard
+    index, target, _ = sampler.sample(local)
+    assert target.tolist()[1:3] == [-1, -1] and target[4] == -1
+    assert index[target[0]] == 5 and index[target[3]] == 7
 
 
 def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_only():
     many = torch.arange(0, 1000, 7)  # 143 positives > 100 slots
-    index, _ = ClassSampler(1000, 0.1, 0, 0, "cpu").sample(many)
-    assert torch.equal(index, many)
-    index, remap = ClassSampler(1000, 0.0, 0, 0, "cpu").sample(torch.tensor([9, 3, 9]))
-    assert index.tolist() == [3, 9] and remap.tolist() == [1, 0, 1]
+    index, target, active = ClassSampler(1000, 0.1, 0, 0, "cpu").sample(many)
+    assert torch.equal(_taken(index, active), many)
+    # Rate 0: the static size is the batch (3), of which the 2 distinct positives are active.
+    index, target, active = ClassSampler(1000, 0.0, 0, 0, "cpu").sample(torch.tensor([9, 3, 9]))
+    assert len(index) == 3 and _taken(index, active).tolist() == [3, 9]
+    assert index[target].tolist() == [9, 3, 9] and bool(active[target].all())
 
 
 @pytest.mark.parametrize(
     ("num_local", "rate", "npos"),
-    [(100_000, 0.1, 128), (1_000_000, 0.1, 128), (1000, 0.5, 10), (1000, 0.9, 40), (50, 0.99, 3)],
+    [
+        (100_000, 0.1, 128),
+        (1_000_000, 0.1, 128),
+        (1000, 0.5, 10),
+        (1000, 0.9, 40),
+        (50, 0.99, 3),
+        (1000, 0.01, 64),  # positives may exceed the 10 slots: padded, masked columns
+        (40, 0.5, 64),  # a shard smaller than the batch
+    ],
 )
 def test_sample_sizes_across_densities(num_local, rate, npos):
     sampler = ClassSampler(num_local, rate, seed=3, rank=0, device="cpu")
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         positives = torch.randint(0, num_local, (npos,), generator=g)
-        index, remap = sampler.sample(positives)
+        index, target, active = sampler.sample(positives)
         want = max(int(rate * num_local), len(positives.unique()))
-        assert len(index) == want == len(index.unique())
-        assert torch.equal(index, index.sort().values) and torch.equal(index[remap], positives)
+        assert len(index) == sampler.size(npos) == len(index.unique())
+        assert len(_taken(index, active)) == want
+        assert torch.equal(index, index.sort().values) and torch.equal(index[target], positives)
+        assert active is None or bool(active[target].all())
         assert int(index.min()) >= 0 and int(index.max()) < num_local
 
 
@@ -62,8 +87,8 @@ def test_negatives_are_uniform_chi_square(rate):
     positives = torch.tensor([3, 50, 51, 120, 199])
     counts = torch.zeros(num_local)
     for _ in range(draws):
-        index, _ = sampler.sample(positives)
-        counts[index] += 1
+        index, _, active = sampler.sample(positives)
+        counts[_taken(index, active)] += 1
     assert torch.all(counts[positives] == draws)
     negatives = torch.ones(num_local, dtype=torch.bool)
     negatives[positives] = False
@@ -165,3 +190,28 @@ def test_sampler_rng_is_checkpointed():
     c(emb, labels)
     c(emb, labels)
     assert not torch.equal(a.pending[-1].index, c.pending[-1].index)
+
+
+def test_sampler_state_is_two_integers_and_resumes_the_same_draws():
+    a = ClassSampler(100_000, 0.1, seed=5, rank=1, device="cpu")
+    a.sample(torch.tensor([1, 2, 3]))
+    state = a.state()
+    assert state.dtype == torch.int64 and state.shape == (2,)  # loads on a CPU or a GPU alike
+    b = ClassSampler(100_000, 0.1, seed=0, rank=0, device="cpu")
+    b.load_state(state)
+    positives = torch.tensor([7, 70_000])
+    assert torch.equal(a.sample(positives)[0], b.sample(positives)[0])
+    # An older checkpoint's torch.Generator state still loads (re-seeded from its bytes).
+    b.load_state(torch.Generator().manual_seed(3).get_state())
+    c = ClassSampler(100_000, 0.1, seed=0, rank=0, device="cpu")
+    c.load_state(torch.Generator().manual_seed(3).get_state())
+    assert torch.equal(b.sample(positives)[0], c.sample(positives)[0])
+
+
+def test_to_moves_the_bank_but_dtype_casts_do_not_touch_it():
+    head = make_head(dtype=torch.float16)
+    head.to(torch.float32)  # a module-wide cast (e.g. model.float()) leaves storage alone
+    assert head.weight.dtype == torch.float16
+    head.to("cpu")
+    assert head.weight.device.type == "cpu"
+    assert set(head.state_dict()) == {"weight", "momentum", "rng", "rounding_rng", "meta"}

@@ -95,6 +95,7 @@ def _cfg(prefix: str, tmp: str | Path, **train: Any) -> dict[str, Any]:
             "margin": [1.0, 0.0, 0.0],
             "scale": 16.0,
             "sample_rate": 0.5,
+            "optimizer": "sgd",
             "lr": 1e-4,
             "momentum": 0.9,
             "weight_decay": 5e-4,

@@ -36,7 +36,7 @@ from tests.test_train_common import (
 STEPS, HALF = 6, 3
 ADAMW = {
     "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
-    "head": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "head": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
 }
 CASES = {  # name: (ZeRO stage, config sections)
     "z0": (0, {}),

@@ -47,7 +47,15 @@ def test_shipped_configs_load_with_real_counts(name):
 def test_demo_config_loads():
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml")
     assert cfg.data.source == "synthetic" and cfg.model.backbone == "tiny"
-    assert cfg.head_hparams() == (0.1, 0.9, 5e-4)
+    assert cfg.head_optimizer() == ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+
+
+def test_vit_config_trains_the_head_with_adamw_like_insightface():
+    cfg = load_config(ROOT / "configs" / "wf42m_pfc03_vit_b.yaml")
+    name, kwargs = cfg.head_optimizer()
+    assert name == "adamw" and kwargs == {"lr": 0.001, "betas": (0.9, 0.999), "weight_decay": 0.1}
+    with pytest.raises(ConfigError, match=r"head\.momentum applies to an sgd head"):
+        load_config(ROOT / "configs" / "wf42m_pfc03_vit_b.yaml", ["head.momentum=0.9"])
 
 
 def test_all_ds_configs_parse_and_set_clipping():
@@ -105,9 +113,13 @@ def test_config_errors_name_key_and_allowed_values(override, message):
     assert message in str(err.value)
 
 
-def test_adamw_requires_head_hyperparameters():
+def test_an_sgd_head_under_adamw_requires_its_own_hyperparameters():
+    cfg = {"optim": {"name": "adamw"}, "data": {"num_classes": 10}, "head": {"optimizer": "sgd"}}
     with pytest.raises(ConfigError, match=r"head\.lr, head\.momentum and head\.weight_decay"):
-        Config.from_dict({"optim": {"name": "adamw"}, "data": {"num_classes": 10}})
+        Config.from_dict(cfg)
+    # Without head.optimizer the head follows optim.name: AdamW with optim's settings.
+    adamw = Config.from_dict({"optim": {"name": "adamw"}, "data": {"num_classes": 10}})
+    assert adamw.head_optimizer()[0] == "adamw"
 
 
 def test_synthetic_source_requires_num_classes_and_rec_defaults_to_the_data_set():

@@ -33,13 +33,20 @@ VARIANTS = ("pfc_fp32", "pfc_fp16", "dense_pfc", "dense_fc")
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 
 
-def _timeit(fn, steps: int, warmup: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, steps: int, warmup: int, device: str = "cpu") -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -48,10 +55,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _peak_mb(device: str) -> float:
+    """Peak allocated device memory on a GPU, peak RSS on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mb()
+
+
 def _inputs(args):
     g = torch.Generator().manual_seed(0)
-    emb = torch.randn(args.batch, args.dim, generator=g).requires_grad_(True)
-    labels = torch.randint(0, args.classes, (args.batch,), generator=g)
+    emb = torch.randn(args.batch, args.dim, generator=g).to(args.device).requires_grad_(True)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(args.device)
     return emb, labels
 
 
@@ -59,7 +73,18 @@ def _pfc_step(args, dtype):
     import pfc_ds
 
     margin = pfc_ds.CombinedMarginLoss(64.0, 1.0, 0.0, 0.4)
-    head = pfc_ds.PartialFC(margin, args.dim, args.classes, sample_rate=args.rate, dtype=dtype)
+    # On a GPU the GEMMs run in the storage dtype (the trainer's gemm_dtype: auto under fp16).
+    gemm = dtype if args.device.startswith("cuda") and dtype != torch.float32 else None
+    head = pfc_ds.PartialFC(
+        margin,
+        args.dim,
+        args.classes,
+        sample_rate=args.rate,
+        dtype=dtype,
+        device=args.device,
+        gemm_dtype=gemm,
+        even_batches=True,
+    )
     opt = pfc_ds.SparseSGD(head, lr=LR, momentum=MOMENTUM, weight_decay=WD)
     emb, labels = _inputs(args)
 
@@ -78,13 +103,13 @@ def _dense_step(args, rate):
     from pfc_ds.head.sampler import ClassSampler
 
     margin = CombinedMarginLoss(64.0, 1.0, 0.0, 0.4)
-    weight = torch.nn.Parameter(torch.normal(0, 0.01, (args.classes, args.dim)))
+    weight = torch.nn.Parameter(torch.normal(0, 0.01, (args.classes, args.dim)).to(args.device))
     opt = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    sampler = ClassSampler(args.classes, rate, 0, 0, "cpu")
+    sampler = ClassSampler(args.classes, rate, 0, 0, args.device)
     emb, labels = _inputs(args)
 
     def step():
-        index, target = sampler.sample(labels)
+        index, target, _ = sampler.sample(labels)
         sub = weight[index] if rate < 1.0 else weight
         logits = F.linear(F.normalize(emb), F.normalize(sub)).clamp(-1, 1)
         F.cross_entropy(margin(logits, target), target).backward()
@@ -97,21 +122,23 @@ def _dense_step(args, rate):
 
 def _floor(args) -> dict:
     """GEMM rate on the step's three GEMM shapes and copy bandwidth, measured now."""
-    s = int(args.rate * args.classes)
-    a = torch.randn(args.batch, args.dim)
-    w = torch.randn(s, args.dim)
-    g = torch.randn(args.batch, s)
+    s, dev = int(args.rate * args.classes), args.device
+    # A GPU's GEMMs run in fp16 (as the pfc_fp16 variant's), a CPU's in fp32.
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    a = torch.randn(args.batch, args.dim, device=dev, dtype=dtype)
+    w = torch.randn(s, args.dim, device=dev, dtype=dtype)
+    g = torch.randn(args.batch, s, device=dev, dtype=dtype)
 
     def gemms():
         a @ w.t()  # logits
         g @ w  # dL/demb
         g.t() @ a  # dL/drows
 
-    t = _timeit(gemms, args.steps, 2)
+    t = _timeit(gemms, args.steps, 2, dev)
     flops = 3 * 2 * args.batch * args.dim * s
-    src = torch.randn(64 * 1024 * 1024 // 4 * 4)  # 256 MB
+    src = torch.randn(64 * 1024 * 1024 // 4 * 4, device=dev)  # 256 MB
     dst = torch.empty_like(src)
-    tc = _timeit(lambda: dst.copy_(src), args.steps, 2)
+    tc = _timeit(lambda: dst.copy_(src), args.steps, 2, dev)
     return {"gemm_flops": flops, "gemm_rate": flops / t, "bandwidth": 2 * src.numel() * 4 / tc}
 
 
@@ -125,8 +152,8 @@ def worker(args) -> dict:
         step = _pfc_step(args, torch.float32 if args.worker == "pfc_fp32" else torch.float16)
     else:
         step = _dense_step(args, args.rate if args.worker == "dense_pfc" else 1.0)
-    t = _timeit(step, args.steps, args.warmup)
-    return {"step_s": t, "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": base}
+    t = _timeit(step, args.steps, args.warmup, args.device)
+    return {"step_s": t, "peak_rss_mb": _peak_mb(args.device), "import_rss_mb": base}
 
 
 def run_variant(args, variant: str, classes: int) -> dict:
@@ -139,7 +166,7 @@ def run_variant(args, variant: str, classes: int) -> dict:
         "--classes",
         str(classes),
     ]
-    for k in ("dim", "batch", "rate", "steps", "warmup", "threads"):
+    for k in ("dim", "batch", "rate", "steps", "warmup", "threads", "device"):
         cmd += [f"--{k}", str(getattr(args, k))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -177,10 +204,15 @@ def measure(args, classes: int, variants, repeats: int = 1) -> dict:
     return res
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
 def render(args, main: dict, sweep: list[dict]) -> str:
     f = main["floor"]
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"device {_device_name(args.device)} (peak MB: {'GPU max allocated' if args.device.startswith('cuda') else 'RSS'}), "
         f"{args.threads} threads, one process. D={args.dim}, B={args.batch}, r={args.rate}, "
         f"CosFace s=64 m=0.4, SGD momentum {MOMENTUM}, wd {WD}. Median of {args.steps} steps "
         f"after {args.warmup} warm-up, each variant in a fresh process; at the main point the "
@@ -252,6 +284,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds at the main point")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda: peak memory is the GPU's max allocated, not RSS",
+    )
     p.add_argument("--sweep", default="", help="comma-separated class counts, e.g. 100000,2000000")
     p.add_argument("--sweep-dense-fc", action="store_true", help="include dense_fc in the sweep")
     p.add_argument("--skip-dense-fc", action="store_true")
@@ -275,7 +312,8 @@ def main(argv=None) -> None:
     print()
     print(table)
     if args.write:
-        write_section(Path(__file__).resolve().parents[2] / "BENCHMARKS.md", "head", table)
+        section = "head_gpu" if args.device.startswith("cuda") else "head"
+        write_section(Path(__file__).resolve().parents[2] / "BENCHMARKS.md", section, table)
 
 
 if __name__ == "__main__":

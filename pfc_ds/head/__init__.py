@@ -3,6 +3,14 @@
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.partial_fc import PartialFC
 from pfc_ds.head.sharding import overlaps, shard_range
+from pfc_ds.head.sparse_adamw import SparseAdamW
 from pfc_ds.head.sparse_sgd import SparseSGD
 
-__all__ = ["CombinedMarginLoss", "PartialFC", "SparseSGD", "overlaps", "shard_range"]
+__all__ = [
+    "CombinedMarginLoss",
+    "PartialFC",
+    "SparseAdamW",
+    "SparseSGD",
+    "overlaps",
+    "shard_range",
+]

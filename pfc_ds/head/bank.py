@@ -1,4 +1,4 @@
-"""Storage of one rank's class centres and their momentum.
+"""Storage of one rank's class centres and their optimizer states.
 
 The head and the optimizer touch the shard only through ``gather`` and ``apply_update``, so a
 host-memory or disk-backed bank can replace this device-tensor bank without changing them.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.step_rng import StepRng
 from pfc_ds.head.workspace import Workspace
 
 # Centres are drawn in fixed blocks of global rows, each from its own seeded generator, so the
@@ -36,7 +37,21 @@ def init_centres(
     return out
 
 
-def round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+# Stochastic rounding works through a row block of about this many elements at a time, so its
+# temporaries stay a few MB whatever the number of sampled rows.
+_SR_BLOCK = 1 << 20
+
+
+def _row_blocks(x: torch.Tensor):
+    per_row = x[0].numel() if x.dim() > 1 and x.shape[0] else 1
+    rows = max(1, _SR_BLOCK // max(1, per_row))
+    for r0 in range(0, x.shape[0], rows):
+        yield r0, min(x.shape[0], r0 + rows)
+
+
+def round_to_bf16(
+    x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Stochastically round fp32 to bf16: unbiased, so small updates survive in expectation.
 
     bf16 keeps 8 mantissa bits; round-to-nearest drops any update below 2^-9 of the weight,
@@ -44,15 +59,68 @@ def round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     final loss than fp32 storage with nearest rounding, 0.14% with this).
     bf16 is the high half of fp32, so adding 16 random low bits and truncating is exact SR.
     """
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out is None else out
+    for r0, r1 in _row_blocks(x):
+        bits = x[r0:r1].view(torch.int32)
+        noise = _random_bits(bits.shape, 16, x.device, generator)
+        out[r0:r1] = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)
+    return out
+
+
+def _random_bits(shape, bits: int, device, generator) -> torch.Tensor:
+    """Uniform ``bits``-bit int32 values; each 32-bit draw serves two elements (the RNG, not
+    the arithmetic, is what stochastic rounding costs on a CPU)."""
+    n = 1
+    for d in shape:
+        n *= d
+    draws = torch.randint(
+        -(1 << 31), 1 << 31, ((n + 1) // 2,), dtype=torch.int32, device=device, generator=generator
     )
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    mask = (1 << bits) - 1
+    out = torch.empty(2 * draws.numel(), dtype=torch.int32, device=device)
+    torch.bitwise_and(draws, mask, out=out[: draws.numel()])
+    torch.bitwise_right_shift(draws, 16, out=out[draws.numel() :]).bitwise_and_(mask)
+    return out[:n].view(shape)
+
+
+def round_to_fp16(
+    x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stochastically round fp32 to fp16: unbiased, so small updates survive in expectation;
+    values already in fp16 stay exactly.
+
+    Round-to-nearest fp16 storage loses updates below half an ulp (weight decay first): after
+    1500 SGD steps of a 512-class CosFace head the row norms were 0.86-0.89x fp32 storage's.
+    In fp16's normal range its mantissa is fp32's top 10 bits, so random 13 low bits and a
+    truncation round exactly as for bf16. Below it (|x| < 2^-14, fp16 subnormals, spacing
+    6e-8) values round to nearest: an error of at most 3e-8 there, far below any update that
+    matters. Temporaries are one row block (``_SR_BLOCK`` elements), whatever ``x``'s size.
+    """
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float16, device=x.device) if out is None else out
+    for r0, r1 in _row_blocks(x):
+        xs = x[r0:r1]
+        bits = xs.view(torch.int32)
+        sr = _random_bits(xs.shape, 13, x.device, generator).add_(bits).bitwise_and_(-8192)
+        # fp32 exponent field below 113 (|x| < 2^-14): keep x, rounded to nearest below.
+        tiny = bits.bitwise_and(0x7F800000) < (113 << 23)
+        out[r0:r1] = torch.where(tiny, bits, sr).view(torch.float32)
+    return out
+
+
+# Per-row optimizer states a bank may hold beside the weight (all sharded like it): SGD's
+# momentum; AdamW's moments and per-row step counts.
+ROW_STATES = ("momentum", "exp_avg", "exp_avg_sq", "steps")
 
 
 class CenterBank:
-    """Weight and momentum rows of a contiguous shard, kept on one device."""
+    """Weight rows of a contiguous shard and their optimizer states, kept on one device.
+
+    ``states`` holds the per-row optimizer tensors by name (``ROW_STATES``): row-shaped ones in
+    ``momentum_dtype``, ``steps`` as one int32 per row. Half-precision storage (fp16, bf16) is
+    written with stochastic rounding from a ``StepRng`` stream, whose state loads on any device.
+    """
 
     def __init__(
         self,
@@ -69,42 +137,98 @@ class CenterBank:
                 f"got {momentum_dtype}"
             )
         self.weight = weight
-        self.momentum: torch.Tensor | None = None  # allocated by the first update
+        self.states: dict[str, torch.Tensor] = {}  # allocated by ensure_state()
         self.momentum_dtype = momentum_dtype
-        self.rounding = torch.Generator(device=weight.device).manual_seed(seed)
+        self.rounding = StepRng(seed)
         self._staging = Workspace(weight.device)  # reused fp16/bf16 row buffers
 
     @property
     def device(self) -> torch.device:
         return self.weight.device
 
+    @property
+    def momentum(self) -> torch.Tensor | None:
+        return self.states.get("momentum")
+
+    def to(self, device: torch.device) -> None:
+        self.weight = self.weight.to(device)
+        self.states = {k: v.to(device) for k, v in self.states.items()}
+        self._staging = Workspace(device)
+
+    def _shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in ROW_STATES:
+            raise ValueError(f"unknown row state {name!r}; allowed: {', '.join(ROW_STATES)}")
+        if name == "steps":
+            return (self.weight.shape[0],), torch.int32
+        return tuple(self.weight.shape), self.momentum_dtype
+
+    def ensure_state(self, name: str) -> torch.Tensor:
+        """Allocate a row state now (zeros), not as a spike at the first update."""
+        if name not in self.states:
+            shape, dtype = self._shape_dtype(name)
+            self.states[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+        return self.states[name]
+
+    def ensure_momentum(self) -> None:
+        self.ensure_state("momentum")
+
+    def load(self, weight: torch.Tensor, states: dict[str, torch.Tensor | None]) -> None:
+        """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's)."""
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"head weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
+            )
+        self.weight.copy_(weight)
+        self.states = {}
+        for name, value in states.items():
+            if value is None:
+                continue
+            shape, _ = self._shape_dtype(name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"head {name} shape {tuple(value.shape)} != {shape}")
+            self.ensure_state(name).copy_(value)
+
     def _gather(
         self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None
     ) -> torch.Tensor:
         if out is None:
             return src.index_select(0, rows).float()
-        if src.dtype == torch.float32:
+        if src.dtype == out.dtype:
             return torch.index_select(src, 0, rows, out=out)
         staged = self._staging.get("gather", tuple(out.shape), src.dtype)
         return out.copy_(torch.index_select(src, 0, rows, out=staged))
 
     def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 copy of the weight ``rows`` (into ``out`` when given)."""
+        """Copy of the weight ``rows``: fp32, or ``out``'s dtype when given."""
         return self._gather(self.weight, rows, out)
 
-    def gather_momentum(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 copy of the momentum ``rows`` (zeros before the first update)."""
-        if self.momentum is None:
-            shape = (len(rows), self.weight.shape[1])
+    def gather_state(
+        self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Copy of a row state's ``rows`` (fp32 or ``out``'s dtype; zeros while it is absent)."""
+        if name not in self.states:
+            shape, _ = self._shape_dtype(name)
+            shape = (len(rows), *shape[1:])
             return torch.zeros(shape, device=self.device) if out is None else out.zero_()
-        return self._gather(self.momentum, rows, out)
+        return self._gather(self.states[name], rows, out)
+
+    def gather_momentum(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.gather_state("momentum", rows, out)
 
     def _store(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if dtype == torch.bfloat16:
-            return round_to_bf16(x, self.rounding)
         if dtype == x.dtype:
             return x
-        return self._staging.get("store", tuple(x.shape), dtype).copy_(x)
+        if not dtype.is_floating_point:
+            return x.to(dtype)
+        gen = self.rounding.generator(x.device)
+        out = self._staging.get("store", tuple(x.shape), dtype)
+        rounding = round_to_bf16 if dtype == torch.bfloat16 else round_to_fp16
+        return rounding(x, gen, out)
+
+    def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write a row state's ``rows`` back in its dtype; every other row stays bit-identical."""
+        state = self.ensure_state(name)
+        state.index_copy_(0, rows, self._store(values, state.dtype))
 
     def apply_update(
         self, rows: torch.Tensor, new_rows: torch.Tensor, new_momentum: torch.Tensor | None
@@ -112,8 +236,4 @@ class CenterBank:
         """Write ``rows`` back in the storage dtypes; every other row stays bit-identical."""
         self.weight.index_copy_(0, rows, self._store(new_rows, self.weight.dtype))
         if new_momentum is not None:
-            if self.momentum is None:
-                self.momentum = torch.zeros(
-                    self.weight.shape, dtype=self.momentum_dtype, device=self.device
-                )
-            self.momentum.index_copy_(0, rows, self._store(new_momentum, self.momentum_dtype))
+            self.write_state("momentum", rows, new_momentum)

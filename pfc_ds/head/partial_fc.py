@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from pfc_ds.head import seeds
-from pfc_ds.head.bank import STORAGE_DTYPES, CenterBank, init_centres
+from pfc_ds.head.bank import ROW_STATES, STORAGE_DTYPES, CenterBank, init_centres
 from pfc_ds.head.collectives import (
     ProcessGroup,
     all_gather_no_grad,
@@ -15,7 +16,6 @@ from pfc_ds.head.collectives import (
     gather_sizes,
     world,
 )
-from pfc_ds.head.cosine import sampled_cosine
 from pfc_ds.head.margin_softmax import margin_softmax_cross_entropy
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.sampler import ClassSampler
@@ -23,34 +23,58 @@ from pfc_ds.head.sharding import shard_range
 from pfc_ds.head.workspace import Workspace
 
 _META_KEYS = ("num_classes", "world_size", "rank", "class_start", "num_local", "embedding_size")
+_STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
 
 
 @dataclass
 class SampledRows:
-    """Rows of one forward pass: local indices, their fp32 values, and ``dL/drows`` after backward.
+    """Rows of one forward pass: local indices, their values, and ``dL/drows`` after backward.
 
-    ``rows`` and ``grad`` live in the head's workspace (slot ``slot``) until ``zero_grad``.
+    ``rows`` (fp32, or the storage dtype when the GEMMs run in it) and ``grad`` (fp32) live in
+    the head's workspace (slot ``slot``) until the optimizer consumes them. ``active`` marks the
+    columns in the loss (``None``: all; see ``ClassSampler``).
     """
 
     index: torch.Tensor
     rows: torch.Tensor
+    active: torch.Tensor | None
     slot: int
     workspace: Workspace = field(repr=False)
     grad: torch.Tensor | None = None
-    _finite: tuple[int, bool] = (-1, True)  # (grad._version it was checked at, result)
+    _finite: tuple[int, torch.Tensor | None] = (-1, None)  # (grad._version, flag)
 
     def grad_buffer(self) -> torch.Tensor:
         return self.workspace.get(f"grad{self.slot}", tuple(self.rows.shape), torch.float32)
 
-    def grad_is_finite(self) -> bool:
-        """One sum per gradient version: inf and NaN propagate through it, and row gradients are
-        far below the ~1e30 mean magnitude at which an fp32 sum of S x D terms could overflow."""
+    def grad_is_finite(self) -> torch.Tensor:
+        """A 0-dim bool on the device (never read back here): one sum per gradient version, as
+        inf and NaN propagate through it and row gradients are far below the ~1e30 mean
+        magnitude at which an fp32 sum of S x D terms could overflow."""
         if self.grad is None:
-            return True
+            return torch.ones((), dtype=torch.bool, device=self.index.device)
         version = self.grad._version
-        if self._finite[0] != version:
-            self._finite = (version, bool(torch.isfinite(self.grad.sum())))
+        if self._finite[0] != version or self._finite[1] is None:
+            self._finite = (version, torch.isfinite(self.grad.sum()))
         return self._finite[1]
+
+
+@dataclass
+class RowGrads:
+    """What the sparse optimizers update: every pending row once, with its summed gradient.
+
+    Under accumulation a row sampled by several micro-batches appears once per sampling, each
+    copy carrying the same summed gradient and weight, so writing them all back is the same as
+    writing one. ``mask`` (``None``: all) says which entries may change; ``finite`` whether all
+    gradients are finite. ``full``: ``index`` is the whole shard in order and ``weight`` is the
+    bank's own tensor, updated in place.
+    """
+
+    index: torch.Tensor
+    grad: torch.Tensor
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    finite: torch.Tensor
+    full: bool = False
 
 
 class PartialFC(torch.nn.Module):
@@ -59,10 +83,14 @@ class PartialFC(torch.nn.Module):
     ``forward`` all-gathers embeddings and labels, samples this shard's rows, and returns the
     margin-softmax cross-entropy over the global batch (identical on every rank). The gradient
     that reaches ``local_embeddings`` is ``W * dL/de_local`` (see ``all_gather_with_grad``);
-    the sampled rows get exactly ``dL/drows`` and wait in ``pending`` for ``SparseSGD.step``.
+    the sampled rows get exactly ``dL/drows`` and wait in ``pending`` for the optimizer.
 
-    The weights are not ``nn.Parameter``s: nothing may build a dense ``num_local x D``
-    gradient, and the head lives outside ZeRO and DDP.
+    A step makes no host sync when ``even_batches`` is set (every rank passes the same batch
+    size, as the trainer's loaders guarantee); otherwise the ranks exchange their sizes first.
+    ``chunk`` is the number of sampled columns per block of the streamed softmax (``None``:
+    from a 64 MB budget). The weights are not ``nn.Parameter``s: nothing may build a dense
+    ``num_local x D`` gradient, and the head lives outside ZeRO and DDP; ``.to(device)`` moves
+    the bank all the same.
     """
 
     def __init__(
@@ -77,6 +105,9 @@ class PartialFC(torch.nn.Module):
         momentum_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         gemm_dtype: torch.dtype | None = None,
+        *,
+        even_batches: bool = False,
+        chunk: int | None = None,
     ) -> None:
         super().__init__()
         if embedding_size < 1:
@@ -87,6 +118,8 @@ class PartialFC(torch.nn.Module):
             raise ValueError(
                 f"gemm_dtype must be None, float32, float16 or bfloat16, got {gemm_dtype}"
             )
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
         world_size, rank = world(process_group)
         self.class_start, self.num_local = shard_range(num_classes, world_size, rank)
         if device is None:
@@ -101,7 +134,9 @@ class PartialFC(torch.nn.Module):
         self.num_classes = num_classes
         self.world_size, self.rank = world_size, rank
         self.process_group = process_group
-        self.gemm_dtype = gemm_dtype
+        self.gemm_dtype = None if gemm_dtype == torch.float32 else gemm_dtype
+        self.even_batches = even_batches
+        self.chunk = chunk
         weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
         self.bank = CenterBank(weight.to(device), momentum_dtype, seed=seeds.rounding(seed, rank))
         self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank, device)
@@ -128,6 +163,19 @@ class PartialFC(torch.nn.Module):
             f"dtype={self.weight.dtype}"
         )
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.cpu()`` move the bank (dtype casts do not apply to it)."""
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.bank.device)).device
+        if device != self.bank.device:
+            self.bank.to(device)
+            self.sampler.device = device
+            self.workspace = Workspace(device)
+            self.pending.clear()
+        return self
+
+    # ---- forward -----------------------------------------------------------------------------
+
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
@@ -144,64 +192,140 @@ class PartialFC(torch.nn.Module):
             )
 
     def _check_labels(self, labels: torch.Tensor) -> None:
+        """On the device: a GPU stops at a device-side assert; a CPU raises here at once."""
         bad = (labels < 0) | (labels >= self.num_classes)
-        if bool(bad.any()):
+        try:
+            torch._assert_async(~bad.any(), f"a label is outside [0, {self.num_classes})")
+        except RuntimeError:  # the CPU's synchronous assert: name the value (error path only)
             value = int(labels[bad][0])
             raise ValueError(
                 f"label {value} is outside [0, num_classes={self.num_classes}) "
                 f"({int(bad.sum())} bad label(s) in the global batch)"
-            )
+            ) from None
+
+    def _sizes(self, n: int, device: torch.device) -> list[int]:
+        if self.even_batches:
+            return [n] * self.world_size
+        return gather_sizes(n, device, self.process_group)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(local_embeddings, local_labels)
-        group = self.process_group
-        sizes = gather_sizes(local_labels.shape[0], local_labels.device, group)
+        group, device = self.process_group, self.bank.device
+        sizes = self._sizes(local_labels.shape[0], local_labels.device)
         # Labels first: every rank sees a bad label and raises together, none hangs in a collective.
-        labels = all_gather_no_grad(local_labels.long(), sizes, group).to(self.bank.device)
+        labels = all_gather_no_grad(local_labels.long(), sizes, group).to(device)
         self._check_labels(labels)
-        embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group)
-        embeddings = embeddings.to(self.bank.device)
+        embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
 
-        local = labels - self.class_start
-        in_shard = (local >= 0) & (local < self.num_local)
-        index, remap = self.sampler.sample(local[in_shard])
-        target = torch.full_like(labels, -1)
-        target[in_shard] = remap
-
+        index, target, active = self.sampler.sample(labels - self.class_start)
         slot = len(self.pending)
-        rows = self.workspace.get(f"rows{slot}", (len(index), self.embedding_size), torch.float32)
-        self.bank.gather(index, out=rows)
-        sampled = SampledRows(index, rows, slot, self.workspace)
+        same = self.gemm_dtype is not None and self.gemm_dtype == self.bank.weight.dtype
+        row_dtype = self.bank.weight.dtype if same else torch.float32
+        if len(index) == self.num_local and self.bank.weight.dtype == row_dtype:
+            rows = self.bank.weight  # the whole shard: no copy
+        else:
+            shape = (len(index), self.embedding_size)
+            rows = self.bank.gather(index, out=self.workspace.get(f"rows{slot}", shape, row_dtype))
+        sampled = SampledRows(index, rows, active, slot, self.workspace)
         self.pending.append(sampled)
-        emb_n = torch.nn.functional.normalize(embeddings, dim=1)
-        cosine = sampled_cosine(emb_n, rows, sampled, self.gemm_dtype)
-        logits = self.workspace.get(f"logits{slot}", tuple(cosine.shape), torch.float32)
-        return margin_softmax_cross_entropy(cosine, target, self.margin_loss, group, logits)
+        return margin_softmax_cross_entropy(
+            F.normalize(embeddings, dim=1),
+            rows,
+            target,
+            self.margin_loss,
+            group,
+            sampled,
+            active=active,
+            gemm_dtype=self.gemm_dtype,
+            chunk=self.chunk,
+            workspace=self.workspace,
+        )
+
+    # ---- what the optimizers see -------------------------------------------------------------
+
+    def grads_finite(self) -> torch.Tensor:
+        """0-dim device bool: every pending row gradient is finite (local; never read here)."""
+        flag = torch.ones((), dtype=torch.bool, device=self.bank.device)
+        for p in self.pending:
+            flag = flag & p.grad_is_finite()
+        return flag
+
+    def row_grads(self) -> RowGrads | None:
+        """The pending rows and their gradients, summed over micro-batches; ``None`` if none.
+
+        Static shapes throughout (no ``unique``): a sort groups repeated rows.
+        """
+        pending = [p for p in self.pending if p.grad is not None]
+        if not pending:
+            return None
+        finite = self.grads_finite()
+        dim, ws = self.embedding_size, self.workspace
+        if len(pending) == 1:
+            p = pending[0]
+            if p.rows is self.bank.weight and p.rows.dtype == torch.float32:
+                return RowGrads(p.index, p.grad, p.rows, p.active, finite, full=True)
+            weight = p.rows
+            if weight.dtype != torch.float32:
+                weight = ws.get("rows_fp32", tuple(p.grad.shape), torch.float32).copy_(weight)
+            return RowGrads(p.index, p.grad, weight, p.active, finite)
+        index = torch.cat([p.index for p in pending])
+        order = index.argsort(stable=True)
+        ranked = index[order]
+        first = torch.ones_like(ranked, dtype=torch.bool)
+        first[1:] = ranked[1:] != ranked[:-1]
+        group = torch.empty_like(order)
+        group[order] = first.long().cumsum(0) - 1  # each entry's distinct row, in sorted order
+        total = ws.get("union_sum", (len(index), dim), torch.float32).zero_()
+        total.index_add_(0, group, torch.cat([p.grad for p in pending]))
+        grad = ws.get("union_grad", (len(index), dim), torch.float32)
+        torch.index_select(total, 0, group, out=grad)
+        weight = self.bank.gather(index, out=ws.get("union_rows", grad.shape, torch.float32))
+        mask = None
+        if any(p.active is not None for p in pending):
+            act = torch.cat(
+                [
+                    p.active if p.active is not None else torch.ones_like(p.index, dtype=torch.bool)
+                    for p in pending
+                ]
+            )
+            any_act = torch.zeros_like(index).scatter_reduce_(0, group, act.long(), "amax")
+            mask = any_act[group].bool()
+        return RowGrads(index, grad, weight, mask, finite)
+
+    def clear_pending(self) -> None:
+        self.pending.clear()
 
     # ---- state -------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, int]:
         return {k: int(getattr(self, k)) for k in _META_KEYS}
 
-    def state_dict(self, *args, **kwargs) -> dict:  # type: ignore[override]
-        """This rank's shard: weight, momentum, RNG states and the sharding it belongs to.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """This rank's shard as live references (no copy of the bank): weight, optimizer row
+        states (``momentum``, AdamW's moments and steps), RNG states and the sharding it belongs
+        to. Copy what you keep past the next step."""
+        destination[prefix + "weight"] = self.weight.detach()
+        destination[prefix + "momentum"] = None  # always present (older readers expect it)
+        for name, value in self.bank.states.items():
+            destination[prefix + name] = value.detach()
+        destination[prefix + "rng"] = self.sampler.state()
+        destination[prefix + "rounding_rng"] = self.bank.rounding.state()
+        destination[prefix + "meta"] = self.meta()
 
-        ``rounding_rng`` drives bf16 stochastic rounding; it is optional on load.
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Load a shard written by the same sharding; anything else raises, never re-initialises.
+
+        ``rounding_rng`` is optional (resharded shards re-seed it).
         """
-        return {
-            "weight": self.weight.detach().clone(),
-            "momentum": None if self.momentum is None else self.momentum.detach().clone(),
-            "rng": self.sampler.state(),
-            "rounding_rng": self.bank.rounding.get_state(),
-            "meta": self.meta(),
-        }
-
-    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        """Load a shard written by the same sharding; anything else raises, never re-initialises."""
-        missing = {"weight", "momentum", "rng", "meta"} - set(state)
+        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        own = {k: v for k, v in state.items() if "." not in k}
+        missing = {"weight", "momentum", "rng", "meta"} - set(own)
         if missing:
             raise ValueError(f"head state_dict lacks key(s) {sorted(missing)}")
-        mine, theirs = self.meta(), state["meta"]
+        unexpected_keys.extend(prefix + k for k in own if k not in _STATE_KEYS)
+        mine, theirs = self.meta(), own["meta"]
         wrong = [
             f"{k}: checkpoint {theirs.get(k)} != head {mine[k]}"
             for k in _META_KEYS
@@ -213,22 +337,8 @@ class PartialFC(torch.nn.Module):
                 + "; ".join(wrong)
                 + "); reshard it with `python -m pfc_ds.tools.reshard`"
             )
-        weight = state["weight"]
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"head weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
-            )
-        self.bank.weight.copy_(weight)
-        mom = state["momentum"]
-        if mom is None:
-            self.bank.momentum = None
-        else:
-            if tuple(mom.shape) != tuple(self.weight.shape):
-                raise ValueError(
-                    f"head momentum shape {tuple(mom.shape)} != {tuple(self.weight.shape)}"
-                )
-            self.bank.momentum = mom.to(self.bank.device, self.bank.momentum_dtype).clone()
-        self.sampler.load_state(state["rng"])
-        if state.get("rounding_rng") is not None:  # optional: resharded shards re-seed it
-            self.bank.rounding.set_state(state["rounding_rng"])
+        self.bank.load(own["weight"], {k: own.get(k) for k in ROW_STATES})
+        self.sampler.load_state(own["rng"])
+        if own.get("rounding_rng") is not None:
+            self.bank.rounding.load_state(own["rounding_rng"])
         self.pending.clear()

@@ -1,6 +1,7 @@
-"""Move head shards between world sizes: every global class row keeps its weight and momentum.
+"""Move head shards between world sizes: every global class row keeps its weight and its
+optimizer states (SGD's momentum, AdamW's moments and per-row step counts).
 
-Pure torch over the head's ``state_dict()`` format (``weight``, ``momentum``, ``rng``, ``meta``).
+Pure torch over the head's ``state_dict()`` format (``weight``, the row states, ``rng``, ``meta``).
 Rows are copied, never recomputed, so a reshard is bit-exact and ``reshard(reshard(s, 3), 2)``
 equals ``reshard(s, 2)``.
 
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.bank import ROW_STATES
 from pfc_ds.head.sharding import overlaps, shard_range
 
 Shard = dict
@@ -50,9 +52,8 @@ def shard_meta(shards: Sequence[Shard]) -> tuple[int, int, int]:
 
 
 def resharded_rng(seed: int, dst_world: int, dst_rank: int) -> torch.Tensor:
-    """Generator state of ``dst_rank`` after a reshard to ``dst_world`` ranks."""
-    mixed = seeds.resharded_sampler(seed, dst_world, dst_rank)
-    return torch.Generator().manual_seed(mixed).get_state()
+    """Sampler RNG state (a ``StepRng``'s) of ``dst_rank`` after a reshard to ``dst_world``."""
+    return torch.tensor([seeds.resharded_sampler(seed, dst_world, dst_rank), 0], dtype=torch.int64)
 
 
 def reshard_shard(
@@ -68,9 +69,9 @@ def reshard_shard(
     """Build ``dst_rank``'s shard of a ``dst_world`` split, loading only overlapping sources.
 
     ``load(src_rank)`` returns that source shard (it may memory-map it; only the overlapping rows
-    are copied). Rows keep their storage dtype; momentum is ``None`` only if it is ``None`` in
-    every overlapping source, otherwise missing momentum rows are zeros, which is what SGD with
-    momentum holds for a row never updated.
+    are copied). Rows keep their storage dtype; a row state is ``None`` (or absent) only if it
+    is in every overlapping source, otherwise missing rows are zeros, which is what an optimizer
+    holds for a row never updated.
     """
     start, num = shard_range(num_classes, dst_world, dst_rank)
     pieces = [
@@ -79,14 +80,18 @@ def reshard_shard(
     ]
     first = pieces[0][0]
     weight = torch.empty(num, embedding_size, dtype=first["weight"].dtype)
-    moms = [p[0]["momentum"] for p in pieces if p[0]["momentum"] is not None]
-    momentum = torch.zeros(num, embedding_size, dtype=moms[0].dtype) if moms else None
+    states: dict[str, torch.Tensor | None] = {"momentum": None}
+    for name in ROW_STATES:
+        have = [p[0][name] for p in pieces if p[0].get(name) is not None]
+        if have:
+            states[name] = torch.zeros((num, *have[0].shape[1:]), dtype=have[0].dtype)
     for shard, src_rows, dst_rows in pieces:
         if tuple(shard["weight"].shape[1:]) != (embedding_size,):
             raise ValueError(f"shard weight has shape {tuple(shard['weight'].shape)}")
         weight[dst_rows] = shard["weight"][src_rows].to(weight.dtype)
-        if momentum is not None and shard["momentum"] is not None:
-            momentum[dst_rows] = shard["momentum"][src_rows].to(momentum.dtype)
+        for name, out in states.items():
+            if out is not None and shard.get(name) is not None:
+                out[dst_rows] = shard[name][src_rows].to(out.dtype)
     extra = {}
     if src_world == dst_world:
         rng = first["rng"].clone()
@@ -102,7 +107,7 @@ def reshard_shard(
         "num_local": num,
         "embedding_size": embedding_size,
     }
-    return {"weight": weight, "momentum": momentum, "rng": rng, "meta": meta, **extra}
+    return {"weight": weight, **states, "rng": rng, "meta": meta, **extra}
 
 
 def reshard(shards: Sequence[Shard], dst_world: int, *, seed: int = 0) -> list[Shard]:
@@ -123,5 +128,5 @@ def reshard(shards: Sequence[Shard], dst_world: int, *, seed: int = 0) -> list[S
 
 
 def consolidate(shards: Sequence[Shard]) -> Shard:
-    """The whole head as one shard (``world_size`` 1): full ``weight`` and ``momentum``."""
+    """The whole head as one shard (``world_size`` 1): full ``weight`` and row states."""
     return reshard(shards, 1)[0]

@@ -1,4 +1,10 @@
-"""Which local class rows take part in one step: every positive plus uniform negatives."""
+"""Which local class rows take part in one step: every positive plus uniform negatives.
+
+Everything runs on the bank's device with shapes fixed by the global batch size, so a step makes
+no host sync (no ``unique``, ``nonzero``, boolean indexing or ``.item()``): the number of distinct
+positives is data, so the sample has a static size ``S`` and a device mask says which of its
+columns take part.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,21 @@ import math
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.step_rng import StepRng
 
 
 class ClassSampler:
-    """Samples ``num_sample = int(sample_rate * num_local)`` rows of one shard per step.
+    """Samples ``max(num_sample, P)`` rows of one shard per step, ``P`` = distinct positives.
 
-    Positives are always kept; when they alone exceed ``num_sample`` all of them are taken and
-    no negative is. Negatives are a uniformly random subset of the remaining rows: the first
-    ``k`` distinct non-positive values of a stream of uniform draws, which is a uniform
-    ``k``-subset by exchangeability. That costs O(num_sample log num_sample), not the
-    O(num_local) of random keys + top-k (40 ms of a 500 ms step at 1M classes, measured); above
-    half the free rows, where coupon collecting gets slow, it falls back to random keys + top-k.
-    Neither touches the ``num_local x D`` weights. The generator is per rank and its state is
-    checkpointed with the head, so a resumed run samples the same rows.
+    ``num_sample = int(sample_rate * num_local)``. Positives are always kept; when they alone
+    exceed ``num_sample`` all of them are taken and no negative is. Negatives are a uniformly
+    random subset of the remaining rows: the first distinct non-positive values of a stream of
+    uniform draws (a uniform subset by exchangeability), O(num_sample log num_sample); where
+    that would need too many draws (more than half the free rows wanted) it is random keys and
+    a top-k over the shard instead. The sample has the static size ``S = max(num_sample,
+    min(N, num_local))`` for a global batch of ``N``; in the rare case ``S > max(num_sample,
+    P)`` (a rate so small that the batch's positives could exceed it) the extra columns are
+    real, distinct rows masked out of the loss and the update.
     """
 
     def __init__(
@@ -31,50 +39,91 @@ class ClassSampler:
         self.sample_rate = sample_rate
         self.num_sample = int(sample_rate * num_local)
         self.device = torch.device(device)
-        # The CPU generator keeps the state format (and so checkpoints) device-independent.
-        self.generator = torch.Generator().manual_seed(seeds.sampler(seed, rank))
+        self.rng = StepRng(seeds.sampler(seed, rank))
+        self._all: torch.Tensor | None = None  # arange(num_local), kept for full-shard steps
 
-    def sample(self, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positives``: local rows of the batch's targets (repeats allowed).
-
-        Returns ``(index, remap)``: the sorted sampled rows and, for each entry of ``positives``,
-        its position in ``index``.
-        """
-        unique = torch.unique(positives)
+    def size(self, batch: int) -> int:
+        """The static sample size for a global batch of ``batch``."""
         if self.sample_rate >= 1.0:
-            index = torch.arange(self.num_local, device=self.device)
-        elif len(unique) >= self.num_sample:
-            index = unique
-        else:
-            negatives = self._negatives(unique.cpu(), self.num_sample - len(unique))
-            index = torch.cat([unique, negatives.to(self.device)]).sort().values
-        return index, torch.searchsorted(index, positives)
+            return self.num_local
+        return min(self.num_local, max(self.num_sample, batch))
 
-    def _negatives(self, positives: torch.Tensor, k: int) -> torch.Tensor:
-        """``k`` distinct uniform rows outside ``positives`` (a sorted CPU tensor)."""
-        n, p = self.num_local, len(positives)
-        if 2 * k > n - p:  # dense: random keys + top-k beats coupon collecting
-            keys = torch.rand(n, generator=self.generator)
-            keys[positives] = 2.0  # never among the k smallest, as k <= n - p
-            return torch.topk(keys, k, largest=False, sorted=False).indices
-        # Draws that cover k + p distinct values in expectation, plus slack.
-        first = int(-n * math.log1p(-(k + p) / n) * 1.02) + 64
-        draws = torch.randint(n, (first,), generator=self.generator)
-        while True:
-            values, inverse = torch.unique(draws, return_inverse=True)
-            keep = ~torch.isin(values, positives)
-            have = int(keep.sum())
-            if have >= k:
-                order = torch.arange(len(draws))
-                arrival = torch.full((len(values),), len(draws))
-                arrival.scatter_reduce_(0, inverse, order, "amin")
-                return values[keep][arrival[keep].argsort()[:k]]
-            # Each new draw is new and non-positive with probability (n - have - p) / n.
-            more = 64 + int(2 * (k - have) * n / max(n - have - p, 1))
-            draws = torch.cat([draws, torch.randint(n, (more,), generator=self.generator)])
+    def sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``local``: each global-batch label minus the shard start (any value; out of
+        ``[0, num_local)`` means another rank owns it).
+
+        Returns ``(index, target, active)``: ``S`` sorted distinct rows; each label's column in
+        ``index`` or -1; and a ``(S,)`` bool mask of the columns in the loss, or ``None`` when
+        all are (always so when ``num_sample`` covers any batch).
+        """
+        n, batch = self.num_local, local.shape[0]
+        in_shard = (local >= 0) & (local < n)
+        size = self.size(batch)
+        if size == n:
+            if self._all is None or self._all.device != local.device:
+                self._all = torch.arange(n, device=local.device)
+            index = self._all
+            active = None
+            if self.sample_rate < 1.0 and self.num_sample < n:
+                active = self._active_all_rows(local, in_shard)
+        else:
+            pos = torch.where(in_shard, local, n)  # n: "no positive here", sorts last
+            pos = pos.sort().values
+            first = torch.ones_like(pos, dtype=torch.bool)
+            first[1:] = pos[1:] != pos[:-1]
+            is_pos = first & (pos < n)
+            gen = self.rng.generator(local.device)
+            if 2 * size > n - batch:
+                index, order = self._dense(pos, size, gen)
+            else:
+                index, order = self._sparse(pos, is_pos, size, gen)
+            active = None
+            if self.num_sample < batch:  # positives alone might exceed num_sample
+                wanted = torch.clamp(is_pos.sum(), min=self.num_sample)
+                active = order < wanted
+        target = torch.searchsorted(index, local.clamp(0, n - 1))
+        target = torch.where(in_shard, target, -1)
+        return index, target, active
+
+    def _active_all_rows(self, local: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor:
+        """Whole shard sampled but fewer rows wanted: positives plus random negatives."""
+        gen = self.rng.generator(local.device)
+        keys = torch.rand(self.num_local + 1, device=local.device, generator=gen)
+        keys.index_fill_(0, torch.where(in_shard, local, self.num_local), -1.0)
+        rank = keys[:-1].argsort().argsort()
+        wanted = torch.clamp((keys[:-1] < 0).sum(), min=self.num_sample)
+        return rank < wanted
+
+    def _dense(self, pos: torch.Tensor, size: int, gen: torch.Generator):
+        """Random keys over the shard, positives forced first; O(num_local)."""
+        n = self.num_local
+        keys = torch.rand(n + 1, device=pos.device, generator=gen)
+        keys.index_fill_(0, pos, -1.0)  # pos == n (no positive) lands on the spare key
+        keys[n] = 2.0
+        chosen = torch.topk(keys, size, largest=False, sorted=True).indices
+        return chosen.sort()  # (rows, each row's rank in the selection: positives first)
+
+    def _sparse(self, pos: torch.Tensor, is_pos: torch.Tensor, size: int, gen: torch.Generator):
+        """Positives, then the first distinct non-positive uniform draws; O(S log S)."""
+        n, batch = self.num_local, pos.shape[0]
+        want = size + batch
+        # Draws expected to cover ``want`` distinct values, plus ~10 sd (distinct counts have
+        # variance below their mean) so a shortage is practically impossible.
+        m = int(-n * math.log1p(-want / n)) + 10 * math.isqrt(want) + 64
+        draws = torch.randint(n, (m,), device=pos.device, generator=gen)
+        values, arrival = draws.sort(stable=True)
+        fresh = torch.ones_like(values, dtype=torch.bool)
+        fresh[1:] = values[1:] != values[:-1]
+        hit = torch.searchsorted(pos, values).clamp_max(batch - 1)
+        fresh &= pos[hit] != values
+        big = torch.iinfo(torch.int64).max
+        keys = torch.cat([torch.where(is_pos, -1, big), torch.where(fresh, arrival, big)])
+        candidates = torch.cat([pos, values])
+        pick = torch.topk(keys, size, largest=False, sorted=True).indices
+        return candidates[pick].sort()  # (rows, each row's rank in the selection)
 
     def state(self) -> torch.Tensor:
-        return self.generator.get_state()
+        return self.rng.state()
 
     def load_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        self.rng.load_state(state)

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from pfc_ds.head.partial_fc import PartialFC
+from pfc_ds.head.bank import CenterBank
+from pfc_ds.head.partial_fc import RowGrads
+from pfc_ds.head.workspace import Workspace
+
+
+class RowSparseHead(Protocol):
+    """All a sparse optimizer needs of a head (``PartialFC`` is one)."""
+
+    bank: CenterBank
+    workspace: Workspace
+
+    def row_grads(self) -> RowGrads | None: ...
+
+    def grads_finite(self) -> torch.Tensor: ...
+
+    def clear_pending(self) -> None: ...
 
 
 class SparseSGD:
@@ -13,12 +30,16 @@ class SparseSGD:
     Rows not sampled since the last ``zero_grad`` keep their weight *and* momentum bit-identical:
     no passive momentum update, unlike a dense optimizer over ``weight[index]``. The update runs
     in fp32 on gathered rows and is written back in the bank's storage dtype; nothing of size
-    ``num_local x D`` is allocated. Several forwards before one ``step`` (gradient accumulation)
-    update the union of their rows with the summed gradient.
+    ``num_local x D`` is allocated (at ``sample_rate = 1`` an fp32 bank is updated in place).
+    Several forwards before one ``step`` (gradient accumulation) update the union of their rows
+    with the summed gradient.
+
+    ``step`` makes no host sync: a non-finite gradient turns the update into an exact no-op on
+    the device (every factor multiplied by 0), and the result comes back as a device flag.
     """
 
     def __init__(
-        self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+        self, head: RowSparseHead, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(
@@ -26,68 +47,54 @@ class SparseSGD:
             )
         self.head = head
         self.param_groups = [{"lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
+        if momentum:
+            head.bank.ensure_momentum()
 
-    def _collect(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, grad, weights)`` over the union of pending rows, fp32, in workspace buffers."""
-        head = self.head
-        pending = [p for p in head.pending if p.grad is not None]
-        dim, ws = head.embedding_size, head.workspace
-        if not pending:
-            index = torch.empty(0, dtype=torch.long, device=head.bank.device)
-            empty = torch.empty(0, dim, device=index.device)
-            return index, empty, empty
-        if len(pending) == 1:
-            # The forward's fp32 rows are exactly the stored weights: nothing changed since.
-            p = pending[0]
-            return p.index, p.grad, p.rows
-        index = torch.cat([p.index for p in pending])
-        union, inverse = torch.unique(index, return_inverse=True)
-        grad = ws.get("union_grad", (len(union), dim), torch.float32).zero_()
-        grad.index_add_(0, inverse, torch.cat([p.grad for p in pending]))
-        weights = head.bank.gather(union, out=ws.get("union_rows", grad.shape, torch.float32))
-        return union, grad, weights
-
-    def has_nonfinite(self) -> bool:
-        """Whether any pending row gradient is inf/NaN (local; the trainer all-reduces it).
-
-        Checked per forward's gradient, so calling it after every micro-batch of an
-        accumulation window costs one sum per micro-batch, not a union per call.
-        """
-        return not all(p.grad_is_finite() for p in self.head.pending)
+    def has_nonfinite(self) -> torch.Tensor:
+        """0-dim device bool: a pending row gradient is inf/NaN (local; the trainer all-reduces
+        it). One sum per micro-batch's gradient, cached, so calling it after each micro-batch
+        of an accumulation window costs no union."""
+        return ~self.head.grads_finite()
 
     @torch.no_grad()
-    def step(self, grad_scale: float = 1.0) -> bool:
-        """Unscale by ``grad_scale`` and update the pending rows; ``False`` if a grad is non-finite.
+    def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Unscale by ``grad_scale`` and update the pending rows; returns a 0-dim device bool,
+        ``False`` when a gradient was non-finite and nothing changed.
 
-        A non-finite gradient is reported, not applied: weights and momentum stay untouched.
-        A successful step consumes the pending rows; after a skipped one call ``zero_grad``.
+        The pending rows are consumed either way.
         """
-        if self.has_nonfinite():
-            return False
-        rows, g, w = self._collect()
-        if len(rows) == 0:
-            return True
+        rg = self.head.row_grads()
+        self.head.clear_pending()
+        if rg is None:
+            return torch.ones((), dtype=torch.bool, device=self.head.bank.device)
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        bank = self.head.bank
-        if grad_scale != 1.0:
-            g.div_(grad_scale)
+        bank, g, w = self.head.bank, rg.grad, rg.weight
+        apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
+        on = apply.to(torch.float32)
+        g.masked_fill_(~apply, 0.0)
+        g.div_(grad_scale)
         if wd:
-            g.add_(w, alpha=wd)
+            torch.addcmul(g, w, on * wd, out=g)
         if mom:
-            buf = self.head.workspace.get("momentum", tuple(g.shape), torch.float32)
-            buf = bank.gather_momentum(rows, out=buf)
-            torch.add(g, buf, alpha=mom, out=buf)
+            bank.ensure_momentum()
+            if rg.full:  # an fp32 bank at sample_rate 1: its momentum is fp32 too
+                buf = bank.momentum
+            else:
+                buf = self.head.workspace.get("momentum", tuple(g.shape), torch.float32)
+                bank.gather_momentum(rg.index, out=buf)
+            # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
+            buf.mul_(torch.where(apply, mom, 1.0)).add_(g)
         else:
             buf = g
-        w.add_(buf, alpha=-lr)
-        bank.apply_update(rows, w, buf if mom else None)
-        self.head.pending.clear()  # consumed: a second step() without a forward is a no-op
-        return True
+        torch.addcmul(w, buf, on * -lr, out=w)
+        if not rg.full:
+            bank.apply_update(rg.index, w, buf if mom else None)
+        return rg.finite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the pending rows (their gradients go with them)."""
-        self.head.pending.clear()
+        self.head.clear_pending()
 
     def state_dict(self) -> dict:
         return {"param_groups": [dict(g) for g in self.param_groups]}

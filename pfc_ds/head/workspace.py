@@ -17,12 +17,18 @@ class Workspace:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[str, torch.Tensor] = {}
+        self._uses: dict[str, int] = {}
+
+    def uses(self, name: str) -> int:
+        """How many times ``name`` was handed out: unchanged means its contents are intact."""
+        return self._uses.get(name, 0)
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A ``shape`` view of buffer ``name`` (contents undefined)."""
         numel = 1
         for n in shape:
             numel *= n
+        self._uses[name] = self._uses.get(name, 0) + 1
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, device=self.device)

@@ -46,7 +46,11 @@ class HeadConfig:
     dtype: str = "fp32"  # storage dtype of the class centres
     momentum_dtype: str | None = None  # None: the storage dtype
     gemm_dtype: str = "auto"  # auto: the engine's precision
-    # SparseSGD hyper-parameters; None takes optim.* (required when optim.name is adamw).
+    chunk: int | None = None  # sampled columns per softmax block; None: a 64 MB block
+    # The head's row-sparse optimizer: sgd (SparseSGD) or adamw (SparseAdamW); None: optim.name,
+    # as insightface trains the head with the backbone's optimizer.
+    optimizer: str | None = None
+    # Its hyper-parameters; None takes optim.* (required for an sgd head under an adamw backbone).
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
@@ -109,16 +113,32 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def head_hparams(self) -> tuple[float, float, float]:
-        """``(lr, momentum, weight_decay)`` of the head's SparseSGD."""
+    def head_optimizer(self) -> tuple[str, dict[str, Any]]:
+        """The head's optimizer name (``sgd`` or ``adamw``) and its keyword arguments."""
         h, o = self.head, self.optim
+        name = h.optimizer or o.name
+        pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
+        if name == "adamw":
+            if h.momentum is not None:
+                raise ConfigError(
+                    "head.momentum applies to an sgd head; the head trains with adamw "
+                    "(head.optimizer or optim.name): drop it, or set head.optimizer: sgd"
+                )
+            return name, {
+                "lr": pick(h.lr, o.lr),
+                "betas": tuple(o.betas),
+                "weight_decay": pick(h.weight_decay, o.weight_decay),
+            }
         if o.name != "sgd" and None in (h.lr, h.momentum, h.weight_decay):
             raise ConfigError(
-                "head.lr, head.momentum and head.weight_decay must be set when optim.name is "
-                f"{o.name!r}: the head always trains with SparseSGD"
+                "head.lr, head.momentum and head.weight_decay must be set for an sgd head when "
+                f"optim.name is {o.name!r} (its LR and decay do not carry over)"
             )
-        pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
-        return pick(h.lr, o.lr), pick(h.momentum, o.momentum), pick(h.weight_decay, o.weight_decay)
+        return name, {
+            "lr": pick(h.lr, o.lr),
+            "momentum": pick(h.momentum, o.momentum),
+            "weight_decay": pick(h.weight_decay, o.weight_decay),
+        }
 
     def validate(self) -> None:
         _choice("data.source", self.data.source, DATA_SOURCES)
@@ -126,6 +146,7 @@ class Config:
         _choice("head.dtype", self.head.dtype, DTYPES)
         _choice("head.momentum_dtype", self.head.momentum_dtype, (None, *DTYPES))
         _choice("head.gemm_dtype", self.head.gemm_dtype, GEMM_DTYPES)
+        _choice("head.optimizer", self.head.optimizer, (None, *OPTIMIZERS))
         if len(self.head.margin) != 3:
             raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
         if not 0.0 <= self.head.sample_rate <= 1.0:  # 0: positives only, as in the head
@@ -140,6 +161,7 @@ class Config:
             ("train.batch_size", self.train.batch_size),
             ("train.grad_accum", self.train.grad_accum),
             ("train.log_every", self.train.log_every),
+            ("head.chunk", self.head.chunk or 1),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -152,7 +174,7 @@ class Config:
                 f"data.{next(iter(self.data.pipeline))} is not a key of the synthetic source; "
                 f"allowed: {', '.join(_field_names(DataConfig, skip=('pipeline',)))}"
             )
-        self.head_hparams()
+        self.head_optimizer()
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

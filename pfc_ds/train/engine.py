@@ -6,18 +6,19 @@ on the head by hand. ``Lockstep.micro_step`` runs one micro-batch and, at an acc
 boundary, one optimizer step of both:
 
 * **Loss scale.** The head's row gradients carry whatever factor the backward applied to the
-  loss. A hook on the loss tensor reads that factor ``f`` (= scale / gas) every micro-step, and
-  the head steps with ``grad_scale = f * gas``, so it sees exactly the mean gradient the backbone
-  sees at every ZeRO stage and precision. DeepSpeed 0.19.8 scales the loss inside
-  ``engine.backward`` only for ZeRO optimizers; at stage 0 its fp16 optimizers neither scale the
-  loss nor skip the unscale, so the backbone would move by 1/scale and never overflow. We
-  therefore scale the loss by ``cur_scale`` ourselves at stage 0 under fp16.
+  loss. A hook on the loss tensor keeps that factor ``f`` (= scale / gas, a device tensor) every
+  micro-step, and the head steps with ``grad_scale = f * gas``, so it sees exactly the mean
+  gradient the backbone sees at every ZeRO stage and precision. DeepSpeed 0.19.8 scales the loss
+  inside ``engine.backward`` only for ZeRO optimizers; at stage 0 its fp16 optimizers neither
+  scale the loss nor skip the unscale, so the backbone would move by 1/scale and never overflow.
+  We therefore scale the loss by ``cur_scale`` ourselves at stage 0 under fp16.
 * **Overflow.** A hook on the embeddings fires when the head's backward is done; it all-reduces
-  (MAX) a flag "this rank's pending row gradients or the loss are non-finite". Under fp16 a set
-  flag turns the embedding gradient to NaN on every rank, so DeepSpeed's own overflow check
-  skips the backbone step and moves the loss scale exactly once; the head skips whenever the
-  engine reports ``was_step_applied() == False``, for whichever reason. Under fp32/bf16 there is
-  nothing to skip to: a non-finite loss or gradient raises ``FloatingPointError`` naming the step.
+  (MAX) a device flag "this rank's pending row gradients or the loss are non-finite". Under fp16
+  a set flag turns the embedding gradient to NaN on every rank (by arithmetic, not a branch), so
+  DeepSpeed's own overflow check skips the backbone step and moves the loss scale exactly once;
+  the head skips whenever the engine reports ``was_step_applied() == False``. Under fp32/bf16
+  there is nothing to skip to: ``check()`` raises ``FloatingPointError`` naming the first bad
+  step at the next logging interval, and before any checkpoint is written.
 * **Accumulation.** Row gradients of all micro-batches stay pending in the head (it keeps the
   union) until ``engine.is_gradient_accumulation_boundary()``; ``engine.backward`` already
   divides the loss by the accumulation steps once (insightface #2140).
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -181,14 +181,20 @@ def full_backbone_state(engine) -> dict[str, torch.Tensor]:
 @dataclass
 class StepResult:
     boundary: bool
-    loss: float  # the global-batch loss of this micro-batch (identical on every rank)
-    applied: bool = True  # at a boundary: whether both optimizers stepped
+    loss: torch.Tensor  # the global-batch loss of this micro-batch, on the device (every rank)
+    applied: bool = True  # at a boundary: whether the engine stepped (host, from DeepSpeed)
     lr: float | None = None
     loss_scale: float | None = None
 
 
 class Lockstep:
-    """Runs micro-batches through backbone engine -> head -> loss -> backward -> both steps."""
+    """Runs micro-batches through backbone engine -> head -> loss -> backward -> both steps.
+
+    A micro-step reads nothing back from the device: the loss, the non-finite flag, the loss
+    factors and the head's own step result stay device tensors, and ``check()`` (called by the
+    trainer at its logging interval and before every save) reads them once and raises for what
+    went wrong, naming the step. Under fp16 DeepSpeed's own overflow check is the one sync.
+    """
 
     def __init__(
         self,
@@ -212,28 +218,36 @@ class Lockstep:
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.precision, torch.float32
         )
-        self._factors: list[float] = []
-        self._nonfinite = False
-        self._poison = False
+        self._factors: list[torch.Tensor] = []  # d(backward's loss)/d(loss), per micro-batch
+        self._poison: torch.Tensor | None = None  # this micro-batch's loss is non-finite
+        self._window_bad: torch.Tensor | None = None  # flag (all-reduced) of this window
         self._marks: dict[str, float] = {}
+        # Read by check(): the first bad step (0: none) and its loss; factor and head mismatches.
+        device = engine.device
+        self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self._bad_loss = torch.zeros((), device=device)
+        self._factor_jump = torch.zeros((), dtype=torch.bool, device=device)
+        self._head_disagrees = torch.zeros((), dtype=torch.int64, device=device)
 
     # ---- hooks ---------------------------------------------------------------------------
 
     def _loss_hook(self, grad: torch.Tensor) -> None:
         self._marks["bwd_start"] = time.perf_counter()
-        self._factors.append(float(grad))
+        self._factors.append(grad.detach().reshape(()))
 
     def _embedding_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
         """Runs after the head's backward (its pending row grads are complete)."""
         self._marks["head_bwd_end"] = time.perf_counter()
-        bad = self._poison or self.head_optimizer.has_nonfinite()
-        flag = torch.tensor([1.0 if bad else 0.0], device=grad.device)
+        bad = self.head_optimizer.has_nonfinite()
+        if self._poison is not None:
+            bad = bad | self._poison
+        flag = bad.to(grad.device, torch.float32).reshape(1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            self._nonfinite = True
-            if self.precision == "fp16":
-                return torch.full_like(grad, float("nan"))
+        flag = flag[0] > 0
+        self._window_bad = flag if self._window_bad is None else self._window_bad | flag
+        if self.precision == "fp16":  # NaN on every rank: DeepSpeed skips and backs off once
+            return grad + torch.where(flag, float("nan"), 0.0).to(grad.dtype)
         return None
 
     # ---- one micro-batch -------------------------------------------------------------------
@@ -257,8 +271,8 @@ class Lockstep:
             embeddings.register_hook(self._embedding_hook)
         loss = self.head(embeddings, labels)
         t2 = t()
-        loss_value = float(loss.detach())
-        self._poison = not math.isfinite(loss_value)
+        loss_value = loss.detach()
+        self._poison = ~torch.isfinite(loss_value)
         loss.register_hook(self._loss_hook)
         scaled = loss * loss_scale(engine) if self.manual_scale else loss
         self._marks.clear()
@@ -268,41 +282,42 @@ class Lockstep:
         head_end = self._marks.get("head_bwd_end", bwd_start)
         self.timer.add("backbone", (t1 - t0) + (bwd_start - t2) + (t3 - head_end))
         self.timer.add("head", (t2 - t1) + (head_end - bwd_start))
-
-        if self._nonfinite and self.precision != "fp16":
-            raise FloatingPointError(
-                f"non-finite loss or head gradient at step {step + 1} (loss {loss_value}) under "
-                f"{self.precision}; there is no loss scale to back off. Lower optim.lr or check "
-                "the data"
-            )
+        if self._window_bad is not None and self.precision != "fp16":
+            # No loss scale to back off: remember the first such step for check() to raise.
+            first = (self._first_bad == 0) & self._window_bad
+            self._first_bad = torch.where(first, step + 1, self._first_bad)
+            self._bad_loss = torch.where(first, loss_value, self._bad_loss)
         if not boundary:
             engine.step()  # DeepSpeed counts micro-steps here; no update happens
             self.timer.add("optimizer", t() - t3)
             return StepResult(boundary=False, loss=loss_value)
         return self._optimizer_step(step, loss_value, t3)
 
-    def _optimizer_step(self, step: int, loss_value: float, t3: float) -> StepResult:
+    def _optimizer_step(self, step: int, loss_value: torch.Tensor, t3: float) -> StepResult:
         engine = self.engine
         factor = self.schedule.factor(step)
         for group in engine.optimizer.param_groups:
             group["lr"] = self.base_lr * factor
         self.head_optimizer.param_groups[0]["lr"] = self.head_base_lr * factor
-        # Factor the loss was scaled by, per micro-batch; constant within a window.
-        f = self._factors[-1] if self._factors else 1.0 / self.gas
-        if any(abs(x - f) > 1e-6 * abs(f) for x in self._factors):
-            raise RuntimeError(f"loss scale changed inside an accumulation window: {self._factors}")
+        # The factor the loss was scaled by, per micro-batch; constant within a window.
+        if self._factors:
+            f = self._factors[-1]
+            for x in self._factors[:-1]:
+                self._factor_jump |= (x - f).abs() > 1e-6 * f.abs()
+        else:
+            f = torch.tensor(1.0 / self.gas, device=engine.device)
         scale_before = loss_scale(engine)
         engine.step()
         applied = engine.was_step_applied()
-        # grad_scale = f * gas: the head's rows hold sum_i f * dL_i/drows over gas micro-batches.
-        if applied and not self.head_optimizer.step(grad_scale=f * self.gas):
-            raise RuntimeError(
-                f"step {step + 1}: the engine stepped but the head found non-finite gradients "
-                "its overflow flag had not reported"
+        if applied:
+            # grad_scale = f * gas: the head's rows hold sum_i f * dL_i/drows over gas batches.
+            head_applied = self.head_optimizer.step(grad_scale=f * self.gas)
+            self._head_disagrees = torch.where(
+                ~head_applied & (self._head_disagrees == 0), step + 1, self._head_disagrees
             )
         self.head_optimizer.zero_grad()  # after a skip: drop the window's rows
         self._factors.clear()
-        self._nonfinite = False
+        self._window_bad = None
         self.timer.add("optimizer", time.perf_counter() - t3)
         return StepResult(
             boundary=True,
@@ -311,6 +326,30 @@ class Lockstep:
             lr=self.base_lr * factor,
             loss_scale=scale_before,
         )
+
+    def check(self) -> None:
+        """Read the deferred flags (one host sync) and raise for the first problem seen."""
+        bad, loss, jump, head = torch.stack(
+            [
+                self._first_bad.double(),
+                self._bad_loss.double(),
+                self._factor_jump.double(),
+                self._head_disagrees.double(),
+            ]
+        ).tolist()
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss or head gradient at step {int(bad)} (loss {loss}) under "
+                f"{self.precision}; there is no loss scale to back off. Lower optim.lr or check "
+                "the data"
+            )
+        if jump:
+            raise RuntimeError("the loss scale changed inside an accumulation window")
+        if head:
+            raise RuntimeError(
+                f"step {int(head)}: the engine stepped but the head found non-finite gradients "
+                "its overflow flag had not reported"
+            )
 
 
 def ds_config_summary(ds: dict) -> str:

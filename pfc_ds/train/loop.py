@@ -2,9 +2,10 @@
 
 The loop counts optimizer steps. A SIGTERM or SIGINT (preemption) is all-reduced at every step boundary, so
 every rank stops after the same step, saves a checkpoint and returns; ``train.py`` then exits 143.
-Under fp32/bf16 a non-finite loss raises ``FloatingPointError`` naming the step; under fp16 it is
-an overflow (both optimizers skip and the scale backs off) until ``train.max_skipped_steps``
-consecutive skips, which raise.
+Under fp32/bf16 a non-finite loss raises ``FloatingPointError`` naming the step (read at the next
+logging interval or save: a step itself makes no host sync); under fp16 it is an overflow (both
+optimizers skip and the scale backs off) until ``train.max_skipped_steps`` consecutive skips,
+which raise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pfc_ds.head import seeds
 from pfc_ds.train import checkpoint as ckpt
@@ -137,6 +139,7 @@ class Trainer:
         self._loader = loader
         self.stream = stream
         self.history: list[dict[str, Any]] = []
+        self._unread: list[int] = []  # history entries whose loss is still a device tensor
         self.stopped_by_signal = False
 
     # ---- setup ---------------------------------------------------------------------------
@@ -188,12 +191,15 @@ class Trainer:
         warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * micro_per_epoch / gas))
         self.schedule = PolynomialLRWarmup(warmup, self.total_steps, cfg.optim.power)
         self.timer = StepTimer()
+        # SIGTERM agreement is host-side: over gloo, so a GPU step never waits on it.
+        gloo = dist.get_backend() == "gloo"
+        self._control_group = None if gloo else dist.new_group(backend="gloo")
         self.lockstep = Lockstep(
             self.engine,
             self.head,
             self.head_optimizer,
             self.schedule,
-            (cfg.optim.lr, cfg.head_hparams()[0]),
+            (cfg.optim.lr, cfg.head_optimizer()[1]["lr"]),
             timer=self.timer,
         )
         self.step, self.epoch = 0, 0
@@ -240,9 +246,12 @@ class Trainer:
             momentum_dtype=_TORCH_DTYPES.get(h.momentum_dtype) if h.momentum_dtype else None,
             device=self.engine.device,
             gemm_dtype=None if gemm == "fp32" else _TORCH_DTYPES[gemm],
+            even_batches=True,  # the loaders give every rank the same batch size
+            chunk=h.chunk,
         )
-        lr, momentum, wd = cfg.head_hparams()
-        self.head_optimizer = pfc_ds.SparseSGD(self.head, lr=lr, momentum=momentum, weight_decay=wd)
+        name, kwargs = cfg.head_optimizer()
+        optimizer = pfc_ds.SparseAdamW if name == "adamw" else pfc_ds.SparseSGD
+        self.head_optimizer = optimizer(self.head, **kwargs)
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -378,11 +387,11 @@ class Trainer:
         self._since_log = 0
         self.timer.reset()
         try:
-            with StopRequest() as stop:
+            with StopRequest(self._control_group) as stop:
                 for res, loss in self._optimizer_steps(end):
                     self._record(res, loss)
-                    self._log(logger, res, loss, end)
-                    if stop.agreed(self.engine.device):
+                    self._log(logger, res, end)
+                    if stop.agreed():
                         self.save()
                         self.stopped_by_signal = True
                         if stop.signal_name is not None or self.rank == 0:
@@ -392,6 +401,7 @@ class Trainer:
                     every = self.cfg.train.save_every
                     if self.step == end or (every and self.step % every == 0):
                         self.save()
+            self._flush()
         finally:
             logger.close()
         self.export()
@@ -414,20 +424,22 @@ class Trainer:
             self.loader.reset()
             self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
 
-    def _optimizer_steps(self, end: int) -> Iterator[tuple[StepResult, float]]:
-        """Run micro-batches; yield each optimizer step's result and its mean loss."""
+    def _optimizer_steps(self, end: int) -> Iterator[tuple[StepResult, torch.Tensor]]:
+        """Run micro-batches; yield each optimizer step's result and its mean loss (device)."""
         batches = self._micro_batches()
-        window: list[float] = []
+        window: list[torch.Tensor] = []
         while self.step < end:
             images, labels = next(batches)
             res = self.lockstep.micro_step(images, labels, self.step)
             window.append(res.loss)
             if res.boundary:
                 self.step += 1
-                yield res, sum(window) / len(window)
+                yield res, torch.stack(window).mean()
                 window.clear()
 
-    def _record(self, res: StepResult, loss: float) -> None:
+    def _record(self, res: StepResult, loss: torch.Tensor) -> None:
+        """History entries hold the loss on the device until ``_flush`` reads them in one go."""
+        self._unread.append(len(self.history))
         self.history.append(
             {
                 "step": self.step,
@@ -445,13 +457,23 @@ class Trainer:
                 "training diverged"
             )
 
-    def _log(self, logger: MetricsLogger, res: StepResult, loss: float, end: int) -> None:
+    def _flush(self) -> None:
+        """The one host sync of a logging interval: raise for deferred faults, read the losses."""
+        self.lockstep.check()
+        if self._unread:
+            losses = torch.stack([self.history[i]["loss"] for i in self._unread]).tolist()
+            for i, value in zip(self._unread, losses, strict=True):
+                self.history[i]["loss"] = value
+            self._unread.clear()
+
+    def _log(self, logger: MetricsLogger, res: StepResult, end: int) -> None:
         self._since_log += 1
         if self.step % self.cfg.train.log_every and self.step != end:
             return
+        self._flush()
         logger.log(
             self.step,
-            loss=loss,
+            loss=self.history[-1]["loss"],
             lr=res.lr,
             images=self._since_log * self.global_batch,
             steps=self._since_log,
@@ -468,6 +490,7 @@ class Trainer:
         return extra
 
     def save(self) -> Path:
+        self._flush()  # never save after a fault the flags still hold
         state = {
             "step": self.step,
             "epoch": self.epoch,

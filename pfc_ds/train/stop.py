@@ -19,9 +19,14 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """``with StopRequest() as stop: ... if stop.agreed(device): save, return``."""
+    """``with StopRequest(group) as stop: ... if stop.agreed(): save, return``.
 
-    def __init__(self) -> None:
+    ``group`` is a gloo process group (``None``: the default one, when that is gloo): the flag
+    is a host tensor, so agreeing on it never waits for the GPU's queued work.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
         self.signal_name: str | None = None
         self._restore: list[Callable[[], object]] = []
 
@@ -40,12 +45,10 @@ class StopRequest:
     def _handler(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """Whether any rank was signalled; collective, called at every step boundary."""
-        flag = torch.tensor([0.0 if self.signal_name is None else 1.0])
         if not (dist.is_available() and dist.is_initialized()):
             return self.signal_name is not None
-        if dist.get_backend() != "gloo":
-            flag = flag.to(device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([0 if self.signal_name is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item() > 0)

@@ -1,0 +1,90 @@
+"""Lazy AdamW on the sampled rows: the ViT recipes' optimizer, row-sparse like ``SparseSGD``."""
+
+from __future__ import annotations
+
+import torch
+
+from pfc_ds.head.sparse_sgd import RowSparseHead
+
+
+class SparseAdamW:
+    """``torch.optim.AdamW`` (decoupled weight decay, bias correction) on sampled rows only.
+
+    Each row keeps its own step count, so a row sampled at every step follows
+    ``torch.optim.AdamW`` exactly, and a row sampled now and then is corrected for the steps it
+    actually took (lazy Adam). Unsampled rows keep weight, moments and count bit-identical. The
+    moments live in the bank's ``momentum_dtype`` (fp32 is advisable under fp16 storage: a
+    squared gradient below 6e-8 is zero in fp16) and are checkpointed and resharded like
+    momentum. As ``SparseSGD``: fp32 math, stochastic rounding back to half storage, no host
+    sync, a device flag as the result.
+    """
+
+    def __init__(
+        self,
+        head: RowSparseHead,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        b1, b2 = betas
+        if lr < 0 or eps <= 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(
+                f"need lr >= 0, eps > 0, weight_decay >= 0, betas in [0, 1); got lr={lr}, "
+                f"betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
+        self.head = head
+        self.param_groups = [
+            {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay}
+        ]
+        for name in ("exp_avg", "exp_avg_sq", "steps"):
+            head.bank.ensure_state(name)
+
+    def has_nonfinite(self) -> torch.Tensor:
+        """0-dim device bool: a pending row gradient is inf/NaN (local)."""
+        return ~self.head.grads_finite()
+
+    @torch.no_grad()
+    def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Unscale by ``grad_scale`` and update the pending rows; returns a 0-dim device bool,
+        ``False`` when a gradient was non-finite and nothing changed."""
+        rg = self.head.row_grads()
+        self.head.clear_pending()
+        if rg is None:
+            return torch.ones((), dtype=torch.bool, device=self.head.bank.device)
+        group = self.param_groups[0]
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        bank, ws, g, w, index = self.head.bank, self.head.workspace, rg.grad, rg.weight, rg.index
+        apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
+        on = apply.to(torch.float32)
+        g.masked_fill_(~apply, 0.0)
+        g.div_(grad_scale)
+
+        steps = bank.gather_state("steps", index, out=ws.get("steps", (len(index),), torch.int32))
+        steps.add_(apply.reshape(-1).to(torch.int32))
+        m = bank.gather_state("exp_avg", index, out=ws.get("exp_avg", g.shape, torch.float32))
+        v = bank.gather_state("exp_avg_sq", index, out=ws.get("exp_avg_sq", g.shape, torch.float32))
+        # Where nothing applies every factor is 1 and every increment 0: exact no-ops.
+        m.mul_(torch.where(apply, b1, 1.0)).add_(g, alpha=1 - b1)
+        v.mul_(torch.where(apply, b2, 1.0)).addcmul_(g, g, value=1 - b2)
+        t = steps.clamp_min(1).to(torch.float32)[:, None]
+        step_size = on * lr / (1 - b1**t)
+        denom = ws.get("adam_denom", g.shape, torch.float32)
+        torch.sqrt(v, out=denom).div_(torch.sqrt(1 - b2**t)).add_(eps)
+        w.mul_(1 - on * (lr * wd))
+        w.sub_(torch.div(m, denom, out=denom).mul_(step_size))
+        if not rg.full:
+            bank.apply_update(index, w, None)
+        bank.write_state("exp_avg", index, m)
+        bank.write_state("exp_avg_sq", index, v)
+        bank.write_state("steps", index, steps)
+        return rg.finite
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.head.clear_pending()
+
+    def state_dict(self) -> dict:
+        return {"param_groups": [dict(g) for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.param_groups = [dict(g) for g in state["param_groups"]]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check: one script, about 8 minutes on one GPU, run whenever a GPU is lent.
+#
+#   tools/gpu_check.sh            (PYTHON=... to pick the interpreter; OUT=dir for the logs)
+#
+# 1. the tests marked `gpu` (DALI `mixed` decode, the head on CUDA under
+#    torch.cuda.set_sync_debug_mode("error"), fp16 GEMMs against fp32, CPU<->GPU head state);
+# 2. the head benchmark at 1M and 10M ids, r = 0.1, fp16, against insightface-style dense PFC;
+# 3. the trainer: iresnet50, fp16, ZeRO-2, 1M ids (`python -m pfc_ds.train.bench --gpu`);
+# 4. the data loader, DALI `mixed` row included (`python -m data_pipelines.bench`).
+# Steps 2-4 rewrite their sections of BENCHMARKS.md, naming the card and the date. A step that
+# fails is reported and the others still run; the exit status is the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+failed=0
+
+step() {
+    local name=$1; shift
+    echo "=== $name: $*" | tee -a "$OUT/summary.txt"
+    local t0=$SECONDS
+    if "$@" >"$OUT/$name.log" 2>&1; then
+        echo "    ok ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+    else
+        echo "    FAILED ($((SECONDS - t0)) s); tail of $OUT/$name.log:" | tee -a "$OUT/summary.txt"
+        tail -n 30 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+        failed=$((failed + 1))
+    fi
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } \
+    >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+export PYTHONUNBUFFERED=1
+
+step gpu_tests "$PY" -m pytest -q -m gpu tests
+step head_bench "$PY" -m pfc_ds.bench.head --device cuda --classes 1000000 \
+    --sweep 1000000,10000000 --skip-dense-fc --repeats 1 --steps 5 --write
+step trainer_bench "$PY" -m pfc_ds.train.bench --gpu --steps 100
+step data_bench "$PY" -m data_pipelines.bench --images 5000 --repeats 2
+cp BENCHMARKS.md "$OUT/" 2>/dev/null
+echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
+exit "$failed"
