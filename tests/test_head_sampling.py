@@ -215,3 +215,21 @@ def test_to_moves_the_bank_but_dtype_casts_do_not_touch_it():
     head.to("cpu")
     assert head.weight.device.type == "cpu"
     assert set(head.state_dict()) == {"weight", "momentum", "rng", "rounding_rng", "meta"}
+
+
+def test_two_forwards_before_one_backward_match_sequential_micro_batches():
+    """The sampled rows share one buffer across forwards; a backward whose rows a later forward
+    overwrote gathers them again, so interleaving changes nothing."""
+    (e1, l1), (e2, l2) = batch(0), batch(1)
+    seq = make_head()
+    seq(e1, l1).backward()
+    seq(e2, l2).backward()
+    both = make_head()
+    (both(e1, l1) + both(e2, l2)).backward()
+    for a, b in zip(seq.pending, both.pending, strict=True):
+        assert torch.equal(a.index, b.index)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    opt_s, opt_b = (pfc_ds.SparseSGD(h, lr=LR, momentum=MOM, weight_decay=WD) for h in (seq, both))
+    opt_s.step()
+    opt_b.step()
+    torch.testing.assert_close(seq.weight, both.weight, rtol=1e-6, atol=1e-9)

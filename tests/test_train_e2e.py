@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pfc_ds.train.shard_files import load_shard
 from tests.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_train_sh_demo_cpu(tmp_path):
     meta = json.loads((ckpt / tag / "meta.json").read_text())
     assert meta["step"] == 300 and meta["world_size"] == 2
     for rank in range(2):
-        shard = torch.load(ckpt / tag / f"head_shard_{rank:05d}_of_00002.pt", weights_only=True)
+        shard = load_shard(ckpt / tag / f"head_shard_{rank:05d}_of_00002.pt")
         assert shard["weight"].shape == (150, 128)
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000200", "step00000300"]
     backbone = torch.load(out / "backbone.pt", weights_only=True)

@@ -319,7 +319,7 @@ def test_reshard_cli_roundtrip(tmp_path):
         check=True,
     )
     run(src, "--world-size", 3, "--output", tmp_path / "dst")
-    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "dst").glob("*.pt")) == [
         shard_name(r, 3) for r in range(3)
     ]
     run(tmp_path / "dst", "--consolidate", "--output", tmp_path / "full.pt")

@@ -43,6 +43,8 @@ class GradSink(Protocol):
 
     def grad_buffer(self) -> torch.Tensor: ...
 
+    def current_rows(self) -> torch.Tensor: ...
+
 
 def chunk_size(batch: int, num_sample: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Columns per chunk so one ``batch x chunk`` fp32 block fits ``budget_bytes``."""
@@ -149,7 +151,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         emb, inv_norm, target, row_max, sum_exp, t_logit, d_margin = ctx.saved_tensors
         gemm_dtype, chunk, ws = ctx.opts
-        c = _Chunks(emb, ctx.rows, inv_norm, target, ctx.active, ctx.margin, gemm_dtype, chunk, ws)
+        rows = ctx.sink.current_rows()  # the shared row buffer may have served a later forward
+        c = _Chunks(emb, rows, inv_norm, target, ctx.active, ctx.margin, gemm_dtype, chunk, ws)
         s, n = ctx.margin.s, emb.shape[0]
         sink = ctx.sink
         grad_rows = sink.grad_buffer() if sink.grad is None else sink.grad
@@ -185,7 +188,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 torch.mm(gr.t(), c.emb, out=block)  # straight into the sink: no S x D temporary
             else:
                 block.addmm_(gr.t(), c.emb)
-            block.addcmul_(ctx.rows[c0:c1], coef[:, None])
+            block.addcmul_(rows[c0:c1], coef[:, None])
         sink.grad = grad_rows
         return grad_emb, None, None, None, None, None, None, None, None, None
 

@@ -30,8 +30,10 @@ _STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
 class SampledRows:
     """Rows of one forward pass: local indices, their values, and ``dL/drows`` after backward.
 
-    ``rows`` (fp32, or the storage dtype when the GEMMs run in it) and ``grad`` (fp32) live in
-    the head's workspace (slot ``slot``) until the optimizer consumes them. ``active`` marks the
+    ``rows`` (fp32, or the storage dtype when the GEMMs run in it) sit in one workspace buffer
+    shared by all forwards: a later forward may reuse it, and ``current_rows()`` then gathers
+    them again from the bank (unchanged until the optimizer steps). Only ``grad`` (fp32) is
+    kept per forward (slot ``slot``) until the optimizer consumes it. ``active`` marks the
     columns in the loss (``None``: all; see ``ClassSampler``).
     """
 
@@ -40,11 +42,21 @@ class SampledRows:
     active: torch.Tensor | None
     slot: int
     workspace: Workspace = field(repr=False)
+    bank: CenterBank = field(repr=False)
+    uses: int | None = None  # workspace uses of "rows" right after the gather; None: not shared
     grad: torch.Tensor | None = None
     _finite: tuple[int, torch.Tensor | None] = (-1, None)  # (grad._version, flag)
 
     def grad_buffer(self) -> torch.Tensor:
         return self.workspace.get(f"grad{self.slot}", tuple(self.rows.shape), torch.float32)
+
+    def current_rows(self) -> torch.Tensor:
+        """The gathered rows, gathered again if another forward took the shared buffer since."""
+        if self.uses is None or self.workspace.uses("rows") == self.uses:
+            return self.rows
+        out = self.workspace.get("rows", tuple(self.rows.shape), self.rows.dtype)
+        self.rows, self.uses = self.bank.gather(self.index, out=out), self.workspace.uses("rows")
+        return self.rows
 
     def grad_is_finite(self) -> torch.Tensor:
         """A 0-dim bool on the device (never read back here): one sum per gradient version, as
@@ -225,8 +237,9 @@ class PartialFC(torch.nn.Module):
             rows = self.bank.weight  # the whole shard: no copy
         else:
             shape = (len(index), self.embedding_size)
-            rows = self.bank.gather(index, out=self.workspace.get(f"rows{slot}", shape, row_dtype))
-        sampled = SampledRows(index, rows, active, slot, self.workspace)
+            rows = self.bank.gather(index, out=self.workspace.get("rows", shape, row_dtype))
+        uses = None if rows is self.bank.weight else self.workspace.uses("rows")
+        sampled = SampledRows(index, rows, active, slot, self.workspace, self.bank, uses)
         self.pending.append(sampled)
         return margin_softmax_cross_entropy(
             F.normalize(embeddings, dim=1),
@@ -264,7 +277,7 @@ class PartialFC(torch.nn.Module):
             p = pending[0]
             if p.rows is self.bank.weight and p.rows.dtype == torch.float32:
                 return RowGrads(p.index, p.grad, p.rows, p.active, finite, full=True)
-            weight = p.rows
+            weight = p.current_rows()
             if weight.dtype != torch.float32:
                 weight = ws.get("rows_fp32", tuple(p.grad.shape), torch.float32).copy_(weight)
             return RowGrads(p.index, p.grad, weight, p.active, finite)

@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 
 from pfc_ds.head.reshard import consolidate, reshard, shard_meta
-from pfc_ds.train.shard_files import atomic_save, find_shards, load_shard, shard_name
+from pfc_ds.train.shard_files import (
+    atomic_save,
+    find_shards,
+    load_shard,
+    save_shard,
+    shard_name,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for rank, shard in enumerate(reshard(shards, args.world_size, seed=args.seed)):
-        atomic_save(shard, out / shard_name(rank, args.world_size))
+        save_shard(shard, out / shard_name(rank, args.world_size))
     print(f"wrote {args.world_size} shard(s) of {num_classes} classes x {emb} to {out}")
     return 0
 

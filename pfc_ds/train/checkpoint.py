@@ -31,7 +31,13 @@ import torch.distributed as dist
 
 from pfc_ds.head import collectives
 from pfc_ds.head.reshard import reshard_shard
-from pfc_ds.train.shard_files import atomic_save, find_shards, load_shard, shard_name
+from pfc_ds.train.shard_files import (
+    atomic_save,
+    find_shards,
+    load_shard,
+    save_shard,
+    shard_name,
+)
 
 log = logging.getLogger("pfc_ds.train")
 
@@ -112,7 +118,7 @@ def save(
         }
     }
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    atomic_save(head.state_dict(), folder / shard_name(rank, world))
+    save_shard(head.state_dict(), folder / shard_name(rank, world))  # rows streamed, no copy
     atomic_save({**trainer_state, "rng": rng_state()}, folder / f"trainer_state_{rank:05d}.pt")
     _barrier()
     if rank == 0:

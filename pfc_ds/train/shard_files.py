@@ -1,6 +1,11 @@
-"""Where head shards live on disk: file names, discovery, memory-mapped load, atomic save.
+"""Where head shards live on disk: file names, discovery, streamed save, memory-mapped load.
 
-Shared by the trainer's checkpoints and the offline ``python -m pfc_ds.tools.reshard``.
+A shard is a small ``head_shard_R_of_W.pt`` (RNG states, meta) plus one raw file per row tensor
+(``head_shard_R_of_W.pt.weight.bin``, ``.momentum.bin``, ...). The rows stream to disk in
+chunks through one reused (pinned, on a GPU) buffer, so a save never holds a host copy of the
+bank, and a load memory-maps them, so a reshard reads only the rows it needs. Shards written
+as one ``.pt`` by earlier versions still load. Shared by the trainer's checkpoints and the
+offline ``python -m pfc_ds.tools.reshard``.
 """
 
 from __future__ import annotations
@@ -9,9 +14,24 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pfc_ds.head.bank import ROW_STATES
+
 SHARD_RE = re.compile(r"head_shard_(\d+)_of_(\d+)\.pt$")
+RAW_KEY = "__raw_rows__"
+ROW_KEYS = ("weight", *ROW_STATES)  # streamed to raw files; the rest stays in the .pt
+# Bytes per streamed chunk: large enough for full disk bandwidth, small beside any bank.
+_CHUNK_BYTES = 64 << 20
+_NUMPY = {  # torch dtype -> a numpy dtype of the same width (bf16 travels as int16 bits)
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
+_staging: dict[str, torch.Tensor] = {}
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -38,9 +58,74 @@ def find_shards(folder: str | os.PathLike) -> list[Path]:
     return [found[r] for r in range(world)]
 
 
+def _raw_path(path: Path, key: str) -> Path:
+    return path.with_name(f"{path.name}.{key}.bin")
+
+
+def _stream(t: torch.Tensor, f) -> None:
+    """Write ``t``'s bytes in row chunks; a device tensor goes through one reused host buffer."""
+    rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    per_row = max(1, rows.shape[1] * rows.element_size())
+    step = max(1, _CHUNK_BYTES // per_row)
+    npdt = _NUMPY[t.dtype]
+    for r0 in range(0, rows.shape[0], step):
+        part = rows[r0 : r0 + step]
+        if part.device.type != "cpu":
+            key, need = f"{part.device}", part.numel() * part.element_size()
+            buf = _staging.get(key)
+            if buf is None or buf.numel() < need:
+                buf = torch.empty(max(need, _CHUNK_BYTES), dtype=torch.uint8, pin_memory=True)
+                _staging[key] = buf
+            host = buf[: part.numel() * part.element_size()].view(part.dtype).view(part.shape)
+            host.copy_(part, non_blocking=True)
+            torch.cuda.current_stream(part.device).synchronize()
+            part = host
+        arr = part.contiguous()
+        arr = arr.view(torch.int16) if arr.dtype == torch.bfloat16 else arr
+        f.write(arr.numpy().astype(npdt, copy=False).tobytes(order="C"))
+
+
+def save_shard(state: dict, path: str | os.PathLike) -> None:
+    """Write a head shard atomically: row tensors streamed to raw files, then the ``.pt``."""
+    path = Path(path)
+    small, raws = {}, []
+    for key, value in state.items():
+        if key in ROW_KEYS and isinstance(value, torch.Tensor):
+            raw = _raw_path(path, key)
+            tmp = raw.with_name(raw.name + ".tmp")
+            with open(tmp, "wb") as f:
+                _stream(value.detach(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            raws.append((tmp, raw))
+            small[key] = {RAW_KEY: raw.name, "dtype": str(value.dtype), "shape": list(value.shape)}
+        else:
+            small[key] = value
+    for tmp, raw in raws:
+        os.replace(tmp, raw)
+    atomic_save(small, path)
+
+
 def load_shard(path: str | os.PathLike) -> dict:
     """Memory-mapped load: a reshard copies only the rows it needs."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    for key, value in list(state.items()):
+        if isinstance(value, dict) and RAW_KEY in value:
+            state[key] = _map_raw(path.with_name(value[RAW_KEY]), value)
+    return state
+
+
+def _map_raw(raw: Path, ref: dict) -> torch.Tensor:
+    dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
+    shape = tuple(ref["shape"])
+    want = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    have = raw.stat().st_size if raw.is_file() else -1
+    if have != want:
+        raise ValueError(f"{raw}: {have} bytes, expected {want} for {ref['dtype']} {list(shape)}")
+    arr = np.memmap(raw, dtype=_NUMPY[dtype], mode="c", shape=shape)  # copy-on-write map
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
