@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from pfc_ds.head.sparse_sgd import RowSparseHead
+from pfc_ds.head.row_optimizer import RowSparseHead, RowSparseOptimizer
 
 
-class SparseAdamW:
+class SparseAdamW(RowSparseOptimizer):
     """``torch.optim.AdamW`` (decoupled weight decay, bias correction) on sampled rows only.
 
     Each row keeps its own step count, so a row sampled at every step follows
@@ -33,32 +33,21 @@ class SparseAdamW:
                 f"need lr >= 0, eps > 0, weight_decay >= 0, betas in [0, 1); got lr={lr}, "
                 f"betas={betas}, eps={eps}, weight_decay={weight_decay}"
             )
-        self.head = head
-        self.param_groups = [
-            {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay}
-        ]
+        super().__init__(head, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
         for name in ("exp_avg", "exp_avg_sq", "steps"):
             head.bank.ensure_state(name)
-
-    def has_nonfinite(self) -> torch.Tensor:
-        """0-dim device bool: a pending row gradient is inf/NaN (local)."""
-        return ~self.head.grads_finite()
 
     @torch.no_grad()
     def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Unscale by ``grad_scale`` and update the pending rows; returns a 0-dim device bool,
         ``False`` when a gradient was non-finite and nothing changed."""
-        rg = self.head.row_grads()
-        self.head.clear_pending()
-        if rg is None:
-            return torch.ones((), dtype=torch.bool, device=self.head.bank.device)
+        taken = self._take(grad_scale)
+        if taken is None:
+            return self._nothing()
+        rg, apply, on = taken
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         bank, ws, g, w, index = self.head.bank, self.head.workspace, rg.grad, rg.weight, rg.index
-        apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
-        on = apply.to(torch.float32)
-        g.masked_fill_(~apply, 0.0)
-        g.div_(grad_scale)
 
         steps = bank.gather_state("steps", index, out=ws.get("steps", (len(index),), torch.int32))
         steps.add_(apply.reshape(-1).to(torch.int32))
@@ -79,12 +68,3 @@ class SparseAdamW:
         bank.write_state("exp_avg_sq", index, v)
         bank.write_state("steps", index, steps)
         return rg.finite
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.head.clear_pending()
-
-    def state_dict(self) -> dict:
-        return {"param_groups": [dict(g) for g in self.param_groups]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.param_groups = [dict(g) for g in state["param_groups"]]

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
-from pfc_ds.head.bank import CenterBank
-from pfc_ds.head.partial_fc import RowGrads
-from pfc_ds.head.workspace import Workspace
+from pfc_ds.head.row_optimizer import RowSparseHead, RowSparseOptimizer
 
 
-class RowSparseHead(Protocol):
-    """All a sparse optimizer needs of a head (``PartialFC`` is one)."""
-
-    bank: CenterBank
-    workspace: Workspace
-
-    def row_grads(self) -> RowGrads | None: ...
-
-    def grads_finite(self) -> torch.Tensor: ...
-
-    def clear_pending(self) -> None: ...
-
-
-class SparseSGD:
+class SparseSGD(RowSparseOptimizer):
     """``torch.optim.SGD`` (momentum, dampening 0, L2 weight decay) restricted to sampled rows.
 
     Rows not sampled since the last ``zero_grad`` keep their weight *and* momentum bit-identical:
@@ -45,16 +28,9 @@ class SparseSGD:
             raise ValueError(
                 f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}"
             )
-        self.head = head
-        self.param_groups = [{"lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
+        super().__init__(head, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if momentum:
             head.bank.ensure_momentum()
-
-    def has_nonfinite(self) -> torch.Tensor:
-        """0-dim device bool: a pending row gradient is inf/NaN (local; the trainer all-reduces
-        it). One sum per micro-batch's gradient, cached, so calling it after each micro-batch
-        of an accumulation window costs no union."""
-        return ~self.head.grads_finite()
 
     @torch.no_grad()
     def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -63,17 +39,13 @@ class SparseSGD:
 
         The pending rows are consumed either way.
         """
-        rg = self.head.row_grads()
-        self.head.clear_pending()
-        if rg is None:
-            return torch.ones((), dtype=torch.bool, device=self.head.bank.device)
+        taken = self._take(grad_scale)
+        if taken is None:
+            return self._nothing()
+        rg, apply, on = taken
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         bank, g, w = self.head.bank, rg.grad, rg.weight
-        apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
-        on = apply.to(torch.float32)
-        g.masked_fill_(~apply, 0.0)
-        g.div_(grad_scale)
         if wd:
             torch.addcmul(g, w, on * wd, out=g)
         if mom:
@@ -91,13 +63,3 @@ class SparseSGD:
         if not rg.full:
             bank.apply_update(rg.index, w, buf if mom else None)
         return rg.finite
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the pending rows (their gradients go with them)."""
-        self.head.clear_pending()
-
-    def state_dict(self) -> dict:
-        return {"param_groups": [dict(g) for g in self.param_groups]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.param_groups = [dict(g) for g in state["param_groups"]]
