@@ -27,7 +27,7 @@ def _taken(index, active):
 
 
 def test_positives_count_and_sorted_remap():
-    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0, device="cpu")
+    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0)
     positives = torch.tensor([5, 999, 5, 0, 417])
     index, target, active = sampler.sample(positives)
     assert active is None  # 100 slots always cover a batch of 5
@@ -37,7 +37,7 @@ def test_positives_count_and_sorted_remap():
 
 
 def test_labels_of_other_shards_get_no_column():
-    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0, device="cpu")
+    sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0)
     local = torch.tensor([5, -3, 1000, 7, -1])  # what labels - class_start gives off the shard
     index, target, _ = sampler.sample(local)
     assert target.tolist()[1:3] == [-1, -1] and target[4] == -1
@@ -46,10 +46,10 @@ def test_labels_of_other_shards_get_no_column():
 
 def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_only():
     many = torch.arange(0, 1000, 7)  # 143 positives > 100 slots
-    index, target, active = ClassSampler(1000, 0.1, 0, 0, "cpu").sample(many)
+    index, target, active = ClassSampler(1000, 0.1, 0, 0).sample(many)
     assert torch.equal(_taken(index, active), many)
     # Rate 0: the static size is the batch (3), of which the 2 distinct positives are active.
-    index, target, active = ClassSampler(1000, 0.0, 0, 0, "cpu").sample(torch.tensor([9, 3, 9]))
+    index, target, active = ClassSampler(1000, 0.0, 0, 0).sample(torch.tensor([9, 3, 9]))
     assert len(index) == 3 and _taken(index, active).tolist() == [3, 9]
     assert index[target].tolist() == [9, 3, 9] and bool(active[target].all())
 
@@ -67,7 +67,7 @@ def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_onl
     ],
 )
 def test_sample_sizes_across_densities(num_local, rate, npos):
-    sampler = ClassSampler(num_local, rate, seed=3, rank=0, device="cpu")
+    sampler = ClassSampler(num_local, rate, seed=3, rank=0)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         positives = torch.randint(0, num_local, (npos,), generator=g)
@@ -83,7 +83,7 @@ def test_sample_sizes_across_densities(num_local, rate, npos):
 @pytest.mark.parametrize("rate", [0.1, 0.7])
 def test_negatives_are_uniform_chi_square(rate):
     num_local, draws = 200, 3000
-    sampler = ClassSampler(num_local, rate, seed=1, rank=0, device="cpu")
+    sampler = ClassSampler(num_local, rate, seed=1, rank=0)
     positives = torch.tensor([3, 50, 51, 120, 199])
     counts = torch.zeros(num_local)
     for _ in range(draws):
@@ -193,17 +193,17 @@ def test_sampler_rng_is_checkpointed():
 
 
 def test_sampler_state_is_two_integers_and_resumes_the_same_draws():
-    a = ClassSampler(100_000, 0.1, seed=5, rank=1, device="cpu")
+    a = ClassSampler(100_000, 0.1, seed=5, rank=1)
     a.sample(torch.tensor([1, 2, 3]))
     state = a.state()
     assert state.dtype == torch.int64 and state.shape == (2,)  # loads on a CPU or a GPU alike
-    b = ClassSampler(100_000, 0.1, seed=0, rank=0, device="cpu")
+    b = ClassSampler(100_000, 0.1, seed=0, rank=0)
     b.load_state(state)
     positives = torch.tensor([7, 70_000])
     assert torch.equal(a.sample(positives)[0], b.sample(positives)[0])
     # An older checkpoint's torch.Generator state still loads (re-seeded from its bytes).
     b.load_state(torch.Generator().manual_seed(3).get_state())
-    c = ClassSampler(100_000, 0.1, seed=0, rank=0, device="cpu")
+    c = ClassSampler(100_000, 0.1, seed=0, rank=0)
     c.load_state(torch.Generator().manual_seed(3).get_state())
     assert torch.equal(b.sample(positives)[0], c.sample(positives)[0])
 

@@ -105,7 +105,7 @@ def _dense_step(args, rate):
     margin = CombinedMarginLoss(64.0, 1.0, 0.0, 0.4)
     weight = torch.nn.Parameter(torch.normal(0, 0.01, (args.classes, args.dim)).to(args.device))
     opt = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    sampler = ClassSampler(args.classes, rate, 0, 0, args.device)
+    sampler = ClassSampler(args.classes, rate, 0, 0)
     emb, labels = _inputs(args)
 
     def step():

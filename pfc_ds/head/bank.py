@@ -169,9 +169,6 @@ class CenterBank:
             self.states[name] = torch.zeros(shape, dtype=dtype, device=self.device)
         return self.states[name]
 
-    def ensure_momentum(self) -> None:
-        self.ensure_state("momentum")
-
     def load(self, weight: torch.Tensor, states: dict[str, torch.Tensor | None]) -> None:
         """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's)."""
         if tuple(weight.shape) != tuple(self.weight.shape):
@@ -211,9 +208,6 @@ class CenterBank:
             shape = (len(rows), *shape[1:])
             return torch.zeros(shape, device=self.device) if out is None else out.zero_()
         return self._gather(self.states[name], rows, out)
-
-    def gather_momentum(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.gather_state("momentum", rows, out)
 
     def _store(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if dtype == x.dtype:

@@ -141,7 +141,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         loss = (torch.log(sum_exp) + row_max - t_logit).mean()
 
         ctx.save_for_backward(emb, inv_norm, target, row_max, sum_exp, t_logit, d_margin)
-        ctx.rows, ctx.active, ctx.margin, ctx.sink, ctx.opts = rows, active, margin, sink, opts
+        ctx.active, ctx.margin, ctx.sink, ctx.opts = active, margin, sink, opts
         # One chunk: backward reuses its cosines unless another forward took the buffer since.
         ctx.kept = ws.uses("block") if chunk >= rows.shape[0] else None
         return loss

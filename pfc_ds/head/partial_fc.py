@@ -151,7 +151,7 @@ class PartialFC(torch.nn.Module):
         self.chunk = chunk
         weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
         self.bank = CenterBank(weight.to(device), momentum_dtype, seed=seeds.rounding(seed, rank))
-        self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank, device)
+        self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank)
         self.workspace = Workspace(device)
         self.pending: list[SampledRows] = []
 
@@ -181,7 +181,6 @@ class PartialFC(torch.nn.Module):
         device = fn(torch.empty(0, device=self.bank.device)).device
         if device != self.bank.device:
             self.bank.to(device)
-            self.sampler.device = device
             self.workspace = Workspace(device)
             self.pending.clear()
         return self

@@ -30,15 +30,12 @@ class ClassSampler:
     real, distinct rows masked out of the loss and the update.
     """
 
-    def __init__(
-        self, num_local: int, sample_rate: float, seed: int, rank: int, device: torch.device
-    ) -> None:
+    def __init__(self, num_local: int, sample_rate: float, seed: int, rank: int) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         self.num_local = num_local
         self.sample_rate = sample_rate
         self.num_sample = int(sample_rate * num_local)
-        self.device = torch.device(device)
         self.rng = StepRng(seeds.sampler(seed, rank))
         self._all: torch.Tensor | None = None  # arange(num_local), kept for full-shard steps
 

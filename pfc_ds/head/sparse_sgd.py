@@ -30,7 +30,7 @@ class SparseSGD(RowSparseOptimizer):
             )
         super().__init__(head, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if momentum:
-            head.bank.ensure_momentum()
+            head.bank.ensure_state("momentum")
 
     @torch.no_grad()
     def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -49,12 +49,12 @@ class SparseSGD(RowSparseOptimizer):
         if wd:
             torch.addcmul(g, w, on * wd, out=g)
         if mom:
-            bank.ensure_momentum()
+            bank.ensure_state("momentum")
             if rg.full:  # an fp32 bank at sample_rate 1: its momentum is fp32 too
                 buf = bank.momentum
             else:
                 buf = self.head.workspace.get("momentum", tuple(g.shape), torch.float32)
-                bank.gather_momentum(rg.index, out=buf)
+                bank.gather_state("momentum", rg.index, out=buf)
             # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
             buf.mul_(torch.where(apply, mom, 1.0)).add_(g)
         else:

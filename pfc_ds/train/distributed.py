@@ -36,15 +36,11 @@ def init_distributed() -> tuple[int, int]:
     return rank, world
 
 
-def shm_segment(rank: int) -> Path:
-    """This run's segment of ``rank``, named as DeepSpeed's ``shm.cpp`` names it."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return SHM_DIR / f"{_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
-
-
 def release_shm_segment(rank: int) -> None:
-    """Unlink this rank's own segment (never another run's: the name holds our port)."""
-    shm_segment(rank).unlink(missing_ok=True)
+    """Unlink this rank's own segment, named as DeepSpeed's ``shm.cpp`` names it (never
+    another run's: the name holds our port)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (SHM_DIR / f"{_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def use_venv_extension_cache() -> None:
