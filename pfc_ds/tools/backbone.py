@@ -17,8 +17,35 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from pfc_ds.train import checkpoint as ckpt
 from pfc_ds.train.shard_files import atomic_save
+
+
+def find_checkpoint(src: str | Path) -> tuple[Path, dict]:
+    """The tag folder and meta of ``src``: a tag folder, or an output folder's latest tag."""
+    src = Path(src)
+    if (src / ckpt.META).is_file():
+        return src, json.loads((src / ckpt.META).read_text())
+    found = ckpt.find_latest(src)
+    if found is None:
+        raise FileNotFoundError(f"{src} holds no complete checkpoint (no {ckpt.META})")
+    return found
+
+
+def load_backbone(src: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The fp32 backbone of a checkpoint (any ZeRO stage), loaded strictly, in eval mode, with
+    the checkpoint's meta (``backbone``, ``embedding_size``, ``image_size``, ``step``...)."""
+    from pfc_ds.backbones import get_backbone
+
+    folder, meta = find_checkpoint(src)
+    state = ckpt.consolidated_backbone(folder, meta)
+    model = get_backbone(
+        meta["backbone"], meta["embedding_size"], **meta.get("backbone_options", {})
+    )
+    model.load_state_dict(state, strict=True)
+    return model.float().eval(), dict(meta, folder=str(folder))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="training output folder or checkpoint tag folder")
     p.add_argument("--output", required=True, help="file to write (torch.save of a state_dict)")
     args = p.parse_args(argv)
-
-    src = Path(args.src)
-    if (src / ckpt.META).is_file():
-        found = (src, json.loads((src / ckpt.META).read_text()))
-    else:
-        found = ckpt.find_latest(src)
-    if found is None:
-        print(f"error: {src} holds no complete checkpoint (no {ckpt.META})", file=sys.stderr)
+    try:
+        model, meta = load_backbone(args.src)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    folder, meta = found
-    state = ckpt.consolidated_backbone(folder, meta)
-
-    from pfc_ds.backbones import get_backbone
-
-    model = get_backbone(
-        meta["backbone"], meta["embedding_size"], **meta.get("backbone_options", {})
-    )
-    model.load_state_dict(state, strict=True)
-    atomic_save(state, Path(args.output))
-    print(f"{folder} (step {meta['step']}, {meta['backbone']}) -> {args.output}")
+    atomic_save(model.state_dict(), Path(args.output))
+    print(f"{meta['folder']} (step {meta['step']}, {meta['backbone']}) -> {args.output}")
     return 0
 
 

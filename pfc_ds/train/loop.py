@@ -261,6 +261,7 @@ class Trainer:
             "embedding_size": self.cfg.model.embedding_size,
             "backbone": self.cfg.model.backbone,
             "backbone_options": self.cfg.model.options,
+            "image_size": self.cfg.data.image_size,
             "global_batch": self.global_batch,
             "trained_params": [
                 n for n, p in self.engine.module.named_parameters() if p.requires_grad
