@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pfc_ds import phases
+
 ProcessGroup = dist.ProcessGroup | None
 
 
@@ -22,7 +24,8 @@ def world(group: ProcessGroup) -> tuple[int, int]:
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch.Tensor:
     """In-place all-reduce of ``t`` (a no-op in a world of one); returns ``t``."""
     if world(group)[0] > 1:
-        dist.all_reduce(t, op=op, group=group)
+        with phases.span("head/collectives"):
+            dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -33,7 +36,8 @@ def gather_sizes(n: int, device: torch.device, group: ProcessGroup) -> list[int]
         return [n]
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(sizes, mine, group=group)
+    with phases.span("head/collectives"):
+        dist.all_gather(sizes, mine, group=group)
     return [int(s) for s in sizes]
 
 
@@ -46,7 +50,8 @@ def all_gather_no_grad(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -
     padded = t.new_zeros((longest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
+    with phases.span("head/collectives"):
+        dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 

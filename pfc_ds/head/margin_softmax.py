@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from pfc_ds import phases
 from pfc_ds.head.collectives import ProcessGroup, all_reduce
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.workspace import Workspace
@@ -75,10 +76,11 @@ class _Chunks:
         """``(N, c1 - c0)`` fp32 cosines in workspace buffer ``name``."""
         out = self.ws.get(name, (self.emb.shape[0], c1 - c0), torch.float32)
         r = self.rows_of(c0, c1)
-        if self.emb.dtype == torch.float32 and r.dtype == torch.float32:
-            torch.mm(self.emb, r.t(), out=out)
-        else:
-            out.copy_(self.emb @ r.t())
+        with phases.span("head/gemm"):
+            if self.emb.dtype == torch.float32 and r.dtype == torch.float32:
+                torch.mm(self.emb, r.t(), out=out)
+            else:
+                out.copy_(self.emb @ r.t())
         return out.mul_(self.inv_norm[c0:c1]).clamp_(-1.0, 1.0)
 
     def target_cols(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +182,15 @@ class _ChunkedMarginCE(torch.autograd.Function):
             grad_r = dcos.mul_(r)
             rows_c = c.rows_of(c0, c1)
             gr = grad_r if gemm_dtype is None else grad_r.to(gemm_dtype)
-            grad_emb.add_(gr @ rows_c)
             block = grad_rows[c0:c1]
-            if gr.dtype != torch.float32:  # half GEMM inputs, fp32 sink
-                block.copy_(gr.t() @ c.emb) if fresh else block.add_(gr.t() @ c.emb)
-            elif fresh:
-                torch.mm(gr.t(), c.emb, out=block)  # straight into the sink: no S x D temporary
-            else:
-                block.addmm_(gr.t(), c.emb)
+            with phases.span("head/gemm"):
+                grad_emb.add_(gr @ rows_c)
+                if gr.dtype != torch.float32:  # half GEMM inputs, fp32 sink
+                    block.copy_(gr.t() @ c.emb) if fresh else block.add_(gr.t() @ c.emb)
+                elif fresh:
+                    torch.mm(gr.t(), c.emb, out=block)  # into the sink: no S x D temporary
+                else:
+                    block.addmm_(gr.t(), c.emb)
             block.addcmul_(rows[c0:c1], coef[:, None])
         sink.grad = grad_rows
         return grad_emb, None, None, None, None, None, None, None, None, None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pfc_ds import phases
 from pfc_ds.head import seeds
 from pfc_ds.head.bank import ROW_STATES, STORAGE_DTYPES, CenterBank, init_centres
 from pfc_ds.head.collectives import (
@@ -228,7 +229,8 @@ class PartialFC(torch.nn.Module):
         self._check_labels(labels)
         embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
 
-        index, target, active = self.sampler.sample(labels - self.class_start)
+        with phases.span("head/sample"):
+            index, target, active = self.sampler.sample(labels - self.class_start)
         slot = len(self.pending)
         same = self.gemm_dtype is not None and self.gemm_dtype == self.bank.weight.dtype
         row_dtype = self.bank.weight.dtype if same else torch.float32
@@ -236,7 +238,8 @@ class PartialFC(torch.nn.Module):
             rows = self.bank.weight  # the whole shard: no copy
         else:
             shape = (len(index), self.embedding_size)
-            rows = self.bank.gather(index, out=self.workspace.get("rows", shape, row_dtype))
+            with phases.span("head/gather"):
+                rows = self.bank.gather(index, out=self.workspace.get("rows", shape, row_dtype))
         uses = None if rows is self.bank.weight else self.workspace.uses("rows")
         sampled = SampledRows(index, rows, active, slot, self.workspace, self.bank, uses)
         self.pending.append(sampled)
@@ -306,6 +309,18 @@ class PartialFC(torch.nn.Module):
 
     def clear_pending(self) -> None:
         self.pending.clear()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held between steps: ``bank`` (weights), ``optimizer_state`` (row states) and
+        ``workspace`` (the per-step row buffers, staging and the sampler's full-shard index)."""
+        parts = self.bank.nbytes()
+        full_index = self.sampler._all
+        extra = 0 if full_index is None else full_index.numel() * full_index.element_size()
+        return {
+            "bank": parts["bank"],
+            "optimizer_state": parts["optimizer_state"],
+            "workspace": self.workspace.nbytes() + parts["staging"] + extra,
+        }
 
     # ---- state -------------------------------------------------------------------------------
 

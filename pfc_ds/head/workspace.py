@@ -19,6 +19,10 @@ class Workspace:
         self._buffers: dict[str, torch.Tensor] = {}
         self._uses: dict[str, int] = {}
 
+    def nbytes(self) -> int:
+        """Bytes held by all buffers (what the profilers bill as head workspace)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
     def uses(self, name: str) -> int:
         """How many times ``name`` was handed out: unchanged means its contents are intact."""
         return self._uses.get(name, 0)

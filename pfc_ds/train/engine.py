@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pfc_ds import phases
 from pfc_ds.train.config import Config, ConfigError
-from pfc_ds.train.metrics import StepTimer
 from pfc_ds.train.schedule import PolynomialLRWarmup
 
 log = logging.getLogger("pfc_ds.train")
@@ -203,15 +202,12 @@ class Lockstep:
         head_optimizer,
         schedule: PolynomialLRWarmup,
         base_lrs: tuple[float, float],
-        *,
-        timer: StepTimer | None = None,
     ) -> None:
         self.engine = engine
         self.head = head
         self.head_optimizer = head_optimizer
         self.schedule = schedule
         self.base_lr, self.head_base_lr = base_lrs
-        self.timer = timer or StepTimer()
         self.precision = precision(engine)
         self.gas = engine.gradient_accumulation_steps()
         self.manual_scale = self.precision == "fp16" and not engine_scales_loss(engine)
@@ -221,7 +217,7 @@ class Lockstep:
         self._factors: list[torch.Tensor] = []  # d(backward's loss)/d(loss), per micro-batch
         self._poison: torch.Tensor | None = None  # this micro-batch's loss is non-finite
         self._window_bad: torch.Tensor | None = None  # flag (all-reduced) of this window
-        self._marks: dict[str, float] = {}
+        self._head_bwd_open = False  # the head's backward phase runs between the two hooks
         # Read by check(): the first bad step (0: none) and its loss; factor and head mismatches.
         device = engine.device
         self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
@@ -232,18 +228,21 @@ class Lockstep:
     # ---- hooks ---------------------------------------------------------------------------
 
     def _loss_hook(self, grad: torch.Tensor) -> None:
-        self._marks["bwd_start"] = time.perf_counter()
+        if self._head_bwd_open:
+            phases.begin("head_bwd")
         self._factors.append(grad.detach().reshape(()))
 
     def _embedding_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
         """Runs after the head's backward (its pending row grads are complete)."""
-        self._marks["head_bwd_end"] = time.perf_counter()
+        phases.end("head_bwd")
+        self._head_bwd_open = False
         bad = self.head_optimizer.has_nonfinite()
         if self._poison is not None:
             bad = bad | self._poison
         flag = bad.to(grad.device, torch.float32).reshape(1)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            with phases.span("comm"):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         flag = flag[0] > 0
         self._window_bad = flag if self._window_bad is None else self._window_bad | flag
         if self.precision == "fp16":  # NaN on every rank: DeepSpeed skips and backs off once
@@ -258,42 +257,37 @@ class Lockstep:
         ``step`` is the 0-based index of the optimizer step this micro-batch belongs to (for
         the LR); messages print it 1-based, like the progress line.
         """
-        engine, t = self.engine, time.perf_counter
+        engine = self.engine
         boundary = engine.is_gradient_accumulation_boundary()
         device = engine.device
         images = images.to(device, self.input_dtype, non_blocking=True)
         labels = labels.to(device, torch.long, non_blocking=True)
 
-        t0 = t()
-        embeddings = engine(images)
-        t1 = t()
+        with phases.span("backbone_fwd"):
+            embeddings = engine(images)
         if embeddings.requires_grad:
             embeddings.register_hook(self._embedding_hook)
-        loss = self.head(embeddings, labels)
-        t2 = t()
+        with phases.span("head_fwd"):
+            loss = self.head(embeddings, labels)
         loss_value = loss.detach()
         self._poison = ~torch.isfinite(loss_value)
         loss.register_hook(self._loss_hook)
         scaled = loss * loss_scale(engine) if self.manual_scale else loss
-        self._marks.clear()
-        engine.backward(scaled)
-        t3 = t()
-        bwd_start = self._marks.get("bwd_start", t2)
-        head_end = self._marks.get("head_bwd_end", bwd_start)
-        self.timer.add("backbone", (t1 - t0) + (bwd_start - t2) + (t3 - head_end))
-        self.timer.add("head", (t2 - t1) + (head_end - bwd_start))
+        self._head_bwd_open = embeddings.requires_grad
+        with phases.span("backward"):  # the backbone's, less the head's and DeepSpeed's comm
+            engine.backward(scaled)
         if self._window_bad is not None and self.precision != "fp16":
             # No loss scale to back off: remember the first such step for check() to raise.
             first = (self._first_bad == 0) & self._window_bad
             self._first_bad = torch.where(first, step + 1, self._first_bad)
             self._bad_loss = torch.where(first, loss_value, self._bad_loss)
         if not boundary:
-            engine.step()  # DeepSpeed counts micro-steps here; no update happens
-            self.timer.add("optimizer", t() - t3)
+            with phases.span("backbone_opt"):
+                engine.step()  # DeepSpeed counts micro-steps here; no update happens
             return StepResult(boundary=False, loss=loss_value)
-        return self._optimizer_step(step, loss_value, t3)
+        return self._optimizer_step(step, loss_value)
 
-    def _optimizer_step(self, step: int, loss_value: torch.Tensor, t3: float) -> StepResult:
+    def _optimizer_step(self, step: int, loss_value: torch.Tensor) -> StepResult:
         engine = self.engine
         factor = self.schedule.factor(step)
         for group in engine.optimizer.param_groups:
@@ -307,18 +301,19 @@ class Lockstep:
         else:
             f = torch.tensor(1.0 / self.gas, device=engine.device)
         scale_before = loss_scale(engine)
-        engine.step()
+        with phases.span("backbone_opt"):
+            engine.step()
         applied = engine.was_step_applied()
-        if applied:
-            # grad_scale = f * gas: the head's rows hold sum_i f * dL_i/drows over gas batches.
-            head_applied = self.head_optimizer.step(grad_scale=f * self.gas)
-            self._head_disagrees = torch.where(
-                ~head_applied & (self._head_disagrees == 0), step + 1, self._head_disagrees
-            )
-        self.head_optimizer.zero_grad()  # after a skip: drop the window's rows
+        with phases.span("head_opt"):
+            if applied:
+                # grad_scale = f * gas: the rows hold sum_i f * dL_i/drows over gas batches.
+                head_applied = self.head_optimizer.step(grad_scale=f * self.gas)
+                self._head_disagrees = torch.where(
+                    ~head_applied & (self._head_disagrees == 0), step + 1, self._head_disagrees
+                )
+            self.head_optimizer.zero_grad()  # after a skip: drop the window's rows
         self._factors.clear()
         self._window_bad = None
-        self.timer.add("optimizer", time.perf_counter() - t3)
         return StepResult(
             boundary=True,
             loss=loss_value,

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pfc_ds import phases
 from pfc_ds.head import seeds
 from pfc_ds.train import checkpoint as ckpt
 from pfc_ds.train.config import Config, ConfigError
@@ -36,7 +36,7 @@ from pfc_ds.train.engine import (
     loss_scale,
     precision,
 )
-from pfc_ds.train.metrics import MetricsLogger, StepTimer
+from pfc_ds.train.metrics import MetricsLogger, coarse_phases
 from pfc_ds.train.schedule import PolynomialLRWarmup
 from pfc_ds.train.stop import StopRequest
 
@@ -190,7 +190,10 @@ class Trainer:
         )
         warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * micro_per_epoch / gas))
         self.schedule = PolynomialLRWarmup(warmup, self.total_steps, cfg.optim.power)
-        self.timer = StepTimer()
+        # Host timers for the progress line's split; ``pfc_ds.profile`` swaps in CUDA events.
+        self.clock = phases.PhaseClock()
+        self.on_split: Callable[[int, dict[str, float]], None] | None = None  # per step, ms
+        self._split_sum: dict[str, float] = {}
         # SIGTERM agreement is host-side: over gloo, so a GPU step never waits on it.
         gloo = dist.get_backend() == "gloo"
         self._control_group = None if gloo else dist.new_group(backend="gloo")
@@ -200,7 +203,6 @@ class Trainer:
             self.head_optimizer,
             self.schedule,
             (cfg.optim.lr, cfg.head_optimizer()[1]["lr"]),
-            timer=self.timer,
         )
         self.step, self.epoch = 0, 0
         torch.manual_seed(seeds.backbone(cfg.train.seed, self.rank))  # dropout differs per rank
@@ -365,13 +367,20 @@ class Trainer:
 
     # ---- loop ----------------------------------------------------------------------------
 
-    def fit(self, stop_at: int | None = None) -> list[dict[str, Any]]:
+    def fit(
+        self,
+        stop_at: int | None = None,
+        *,
+        save: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[dict[str, Any]]:
         """Train to the schedule's end, or stop after step ``stop_at``; returns the history.
 
         ``stop_at`` (``--max-steps``) only stops early: the LR schedule always spans
         ``total_steps`` (``train.max_steps`` or ``train.epochs``), so a run stopped at 20 and
         resumed to 30 follows the same LR curve as one run straight to 30. Writes a checkpoint
-        at the last step and ``OUTPUT/backbone.pt`` unless stopped by a signal.
+        at the last step and ``OUTPUT/backbone.pt`` unless stopped by a signal or ``save`` is
+        off (the profiler's runs). ``on_step(step)`` runs after every optimizer step.
         """
         if not hasattr(self, "engine"):
             self.setup()
@@ -386,13 +395,21 @@ class Trainer:
         logger.start(self.step)
         self._skipped_in_a_row = 0
         self._since_log = 0
-        self.timer.reset()
+        previous_clock = phases.install(self.clock)
+        self.clock.collect()
+        self._split_sum = {}
         try:
             with StopRequest(self._control_group) as stop:
                 for res, loss in self._optimizer_steps(end):
-                    self._record(res, loss)
-                    self._log(logger, res, end)
-                    if stop.agreed():
+                    # Timed too (billed to the next step), so the phases cover the whole loop.
+                    with phases.span("loop"):
+                        self._record(res, loss)
+                        self._log(logger, res, end)
+                        if on_step is not None:
+                            on_step(self.step)
+                    with phases.span("comm"):
+                        agreed = stop.agreed()
+                    if agreed:
                         self.save()
                         self.stopped_by_signal = True
                         if stop.signal_name is not None or self.rank == 0:
@@ -400,12 +417,15 @@ class Trainer:
                             log.warning("%s: saved step %d, stopping", why, self.step)
                         return self.history
                     every = self.cfg.train.save_every
-                    if self.step == end or (every and self.step % every == 0):
-                        self.save()
+                    if save and (self.step == end or (every and self.step % every == 0)):
+                        with phases.span("checkpoint"):
+                            self.save()
             self._flush()
         finally:
+            phases.install(previous_clock)
             logger.close()
-        self.export()
+        if save:
+            self.export()
         return self.history
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -415,12 +435,11 @@ class Trainer:
             batches = iter(self.loader)
             self.epoch = getattr(self.loader, "epoch", self.epoch)
             while True:
-                t0 = time.perf_counter()
                 try:
-                    batch = next(batches)
+                    with phases.span("data"):
+                        batch = next(batches)
                 except StopIteration:
                     break
-                self.timer.add("data", time.perf_counter() - t0)
                 yield batch
             self.loader.reset()
             self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
@@ -430,13 +449,26 @@ class Trainer:
         batches = self._micro_batches()
         window: list[torch.Tensor] = []
         while self.step < end:
+            if not window:
+                phases.begin("step")  # its own time: the loop's overhead between phases
             images, labels = next(batches)
             res = self.lockstep.micro_step(images, labels, self.step)
             window.append(res.loss)
             if res.boundary:
                 self.step += 1
-                yield res, torch.stack(window).mean()
+                mean = torch.stack(window).mean()
+                phases.end("step")
+                self._add_split(self.clock.collect())
+                yield res, mean
                 window.clear()
+
+    def _add_split(self, split: dict[str, float]) -> None:
+        """One optimizer step's phases (ms): summed for the progress line, handed to
+        ``on_split`` (the profiler) as they are."""
+        for name, ms in split.items():
+            self._split_sum[name] = self._split_sum.get(name, 0.0) + ms
+        if self.on_split is not None:
+            self.on_split(self.step, split)
 
     def _record(self, res: StepResult, loss: torch.Tensor) -> None:
         """History entries hold the loss on the device until ``_flush`` reads them in one go."""
@@ -472,6 +504,7 @@ class Trainer:
         if self.step % self.cfg.train.log_every and self.step != end:
             return
         self._flush()
+        split, self._split_sum = self._split_sum, {}
         logger.log(
             self.step,
             loss=self.history[-1]["loss"],
@@ -479,7 +512,7 @@ class Trainer:
             images=self._since_log * self.global_batch,
             steps=self._since_log,
             loss_scale=loss_scale(self.engine),
-            phases=self.timer.reset(),
+            phases=coarse_phases(split),
             extra=self._log_extra(res),
         )
         self._since_log = 0

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,28 @@ log = logging.getLogger("pfc_ds.train")
 PHASES = ("data", "backbone", "head", "optimizer")
 
 
-class StepTimer:
-    """Accumulates wall seconds per phase between two ``reset`` calls."""
+# Which progress-line phase each span of ``pfc_ds.phases`` belongs to (the head's sub-spans,
+# ``head/...``, count as head; ``step``'s own time is the loop's overhead, shown nowhere).
+_COARSE = {
+    "data": "data",
+    "backbone_fwd": "backbone",
+    "backward": "backbone",
+    "head_fwd": "head",
+    "head_bwd": "head",
+    "comm": "optimizer",
+    "backbone_opt": "optimizer",
+    "head_opt": "optimizer",
+}
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
 
-    def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] += seconds
-
-    def reset(self) -> dict[str, float]:
-        out = {p: self.seconds.get(p, 0.0) for p in PHASES}
-        self.seconds = defaultdict(float)
-        return out
+def coarse_phases(split_ms: dict[str, float]) -> dict[str, float]:
+    """Seconds per progress-line phase from a ``PhaseClock.collect()`` split (ms)."""
+    out = dict.fromkeys(PHASES, 0.0)
+    for name, ms in split_ms.items():
+        phase = "head" if name.startswith("head/") else _COARSE.get(name)
+        if phase is not None:
+            out[phase] += ms / 1e3
+    return out
 
 
 def _format_eta(seconds: float) -> str:

@@ -1,0 +1,219 @@
+"""Memory model of one rank: bytes per shard row, per sampled row and per backbone parameter.
+
+Each term follows a buffer of the code as it is (named beside it), so a change there shows up
+as a model that no longer matches ``pfc_ds.scale``'s measurements (and ``tests/test_scale.py``
+compares the head terms with the live buffers exactly). The model is affine in the id count for
+a fixed sample rate, which is what makes "the largest id count that fits" a bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import cache
+
+from pfc_ds.head.margin_softmax import DEFAULT_CHUNK_BYTES, chunk_size
+from pfc_ds.head.sharding import shard_range
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+MB = 2**20
+
+# RSS of a rank before its bank exists (torch, gloo and pfc_ds loaded), measured by the sweep's
+# workers on this CPU: 222 MB (``runtime_mb`` in every record; measured points use their own).
+# A GPU's CUDA context and NCCL buffers lie outside ``max_memory_allocated``: the ``--model``
+# mode's ``--reserve-gb`` covers them.
+CPU_RUNTIME_MB = 222.0
+
+
+@dataclass
+class HeadSpec:
+    """One head configuration of one run (all ranks alike)."""
+
+    ids: int
+    world_size: int = 1
+    embedding_size: int = 512
+    sample_rate: float = 0.1
+    batch_size: int = 128  # per rank
+    dtype: str = "fp16"  # centre storage
+    momentum_dtype: str | None = None  # None: the storage dtype
+    gemm_dtype: str | None = None  # None: fp32 GEMMs on fp32 rows
+    optimizer: str = "sgd"  # sgd | adamw
+    chunk: int | None = None
+    rank: int = 0  # the largest shard is rank 0's
+
+    @property
+    def num_local(self) -> int:
+        return shard_range(self.ids, self.world_size, self.rank)[1]
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def sampled(self) -> int:
+        """``ClassSampler.size``: the static number of rows a step gathers."""
+        n = self.num_local
+        if self.sample_rate >= 1.0:
+            return n
+        return min(n, max(int(self.sample_rate * n), self.global_batch))
+
+
+def head_bytes(h: HeadSpec) -> dict[str, int]:
+    """Bytes of one rank's head: ``bank``, ``optimizer_state``, ``workspace`` (persistent
+    per-step buffers) and ``transient`` (freed within the step)."""
+    n, s, d, nb = h.num_local, h.sampled, h.embedding_size, h.global_batch
+    store = DTYPE_BYTES[h.dtype]
+    mom = DTYPE_BYTES[h.momentum_dtype or h.dtype]
+    row = store if h.gemm_dtype == h.dtype else 4  # PartialFC.forward's row dtype
+    whole = s == n and row == store  # the forward reads the bank itself, no gathered copy
+    full = whole and store == 4  # ... and SparseSGD updates it in place
+    half_state = mom != 4
+    bank = n * d * store
+    # SGD: momentum; AdamW: exp_avg, exp_avg_sq and steps (int32).
+    states = n * d * mom if h.optimizer == "sgd" else n * (2 * d * mom + 4)
+
+    ws = s * d * 4  # "grad0": dL/drows (SampledRows.grad_buffer)
+    if not whole:
+        ws += s * d * row  # "rows": the gathered rows (PartialFC.forward)
+    ws += s * d * 4 if row != 4 else 0  # "rows_fp32" (PartialFC.row_grads)
+    # Bank staging (one half-precision buffer each, shared by weight and states): "gather"
+    # converts gathered half rows, "store" holds stochastically rounded ones.
+    ws += s * d * 2 if (not whole and row != store) or half_state else 0
+    ws += s * d * 2 if (store != 4 or half_state) and not full else 0
+    if h.optimizer == "sgd":
+        ws += 0 if full else s * d * 4  # "momentum" (SparseSGD.step)
+    else:
+        ws += 3 * s * d * 4 + s * 4  # "exp_avg", "exp_avg_sq", "adam_denom", "steps"
+    chunk = h.chunk or chunk_size(nb, s)
+    ws += 2 * nb * min(chunk, s) * 4  # "block", "block_grad" (margin_softmax)
+    ws += n * 8 if s == n else 0  # the sampler's arange(num_local), kept for full-shard steps
+
+    # Freed within the step: embeddings (fp32, gathered), index/targets, the inverse norms,
+    # the sampler's draws (sparse path: ~6 int64 per draw) or keys over the shard (dense path),
+    # and one stochastic-rounding block (bank._SR_BLOCK elements x 4 int32 temporaries).
+    want = s + nb
+    if 2 * s > n - nb:
+        sampler = n * 4 + s * 24
+    else:
+        draws = int(-n * math.log1p(-min(want / n, 1 - 1e-9))) + 10 * math.isqrt(want) + 64
+        sampler = draws * 48
+    transient = 3 * nb * d * 4 + s * (8 + 4) + sampler + (1 << 20) * 16
+    return {"bank": bank, "optimizer_state": states, "workspace": ws, "transient": transient}
+
+
+@dataclass
+class BackboneSpec:
+    """The backbone half of a training step (``name`` as in ``pfc_ds.backbones``)."""
+
+    name: str
+    embedding_size: int = 512
+    image_size: int = 112
+    precision: str = "fp16"  # fp32 | fp16 | bf16
+    zero_stage: int = 0
+    optimizer: str = "sgd"  # sgd | adamw
+    batch_size: int = 128  # per rank
+    world_size: int = 1
+
+
+@cache
+def backbone_profile(name: str, embedding_size: int, image_size: int) -> tuple[int, int]:
+    """(parameters, fp32 bytes of the tensors autograd saves for backward per image).
+
+    The saved tensors are counted by ``saved_tensors_hooks`` on a real fp32 forward of two
+    images: what backward keeps alive, i.e. the activation memory at the peak of a step.
+    """
+    import torch
+
+    from pfc_ds.backbones import get_backbone
+
+    model = get_backbone(name, embedding_size).train()
+    params = sum(p.numel() for p in model.parameters())
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(2, 3, image_size, image_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return params, sum(seen.values()) // 2
+
+
+def backbone_bytes(b: BackboneSpec) -> dict[str, int]:
+    """Bytes of one rank's backbone by DeepSpeed's ZeRO partitioning: half-precision params
+    and grads (fp32 when training in fp32), fp32 masters (half precision only) and optimizer
+    state, each divided by W from the stage that partitions it; activations per image."""
+    params, act_per_image = backbone_profile(b.name, b.embedding_size, b.image_size)
+    half = b.precision != "fp32"
+    w = b.world_size
+    p_bytes = params * (2 if half else 4)
+    g_bytes = params * (2 if half else 4)
+    master = params * 4 if half else 0
+    opt = params * (4 if b.optimizer == "sgd" else 8)
+    stage = b.zero_stage
+    return {
+        "params": p_bytes // (w if stage >= 3 else 1),
+        "grads": g_bytes // (w if stage >= 2 else 1),
+        "optimizer_state": (master + opt) // (w if stage >= 1 else 1),
+        "activations": act_per_image * b.batch_size // (2 if half else 1),
+    }
+
+
+def predict(
+    head: HeadSpec,
+    backbone: BackboneSpec | None = None,
+    *,
+    device: str = "cpu",
+    runtime_mb: float | None = None,
+) -> dict[str, float]:
+    """Predicted peak MB of the busiest rank, by part, and its ``total``.
+
+    ``runtime_mb``: what a process holds before the bank (CPU: ``CPU_RUNTIME_MB``; GPU: 0, as
+    peak allocated memory excludes the CUDA context).
+    """
+    parts = {f"head_{k}": v / MB for k, v in head_bytes(head).items()}
+    if backbone is not None:
+        parts.update({f"backbone_{k}": v / MB for k, v in backbone_bytes(backbone).items()})
+    if runtime_mb is None:
+        runtime_mb = CPU_RUNTIME_MB if device == "cpu" else 0.0
+    parts["runtime"] = runtime_mb
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def max_ids(
+    head: HeadSpec,
+    budget_mb: float,
+    backbone: BackboneSpec | None = None,
+    *,
+    device: str = "cpu",
+    runtime_mb: float | None = None,
+) -> int:
+    """The largest id count whose predicted peak per rank fits ``budget_mb`` (0 if none)."""
+
+    def fits(ids: int) -> bool:
+        h = HeadSpec(**{**asdict(head), "ids": ids})
+        return predict(h, backbone, device=device, runtime_mb=runtime_mb)["total"] <= budget_mb
+
+    lo, hi = 0, head.world_size
+    if not fits(hi):
+        return 0
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 10_000):  # 0.01 % is precision enough for a plan
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "BackboneSpec",
+    "HeadSpec",
+    "backbone_bytes",
+    "head_bytes",
+    "max_ids",
+    "predict",
+]

@@ -1,0 +1,267 @@
+"""Measured points of the sweep: one launch of W real ranks per point, so each peak is its own.
+
+The parent (``python -m pfc_ds.scale``) starts ``torchrun`` per point; every rank runs
+``worker_main``: build the head (timed), run warm-up and measured steps between barriers, and
+report its times and memory. Rank 0 merges the ranks into one record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pfc_ds.scale.model import MB, HeadSpec, predict
+
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_head(point: dict[str, Any]) -> dict[str, Any]:
+    """This rank's measurements of one point (the process group is up)."""
+    import torch
+    import torch.distributed as dist
+
+    import pfc_ds
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    rank = dist.get_rank()
+    device = torch.device(point["device"])
+    runtime = _peak_mb(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    head = pfc_ds.PartialFC(
+        pfc_ds.CombinedMarginLoss(64.0, 1.0, 0.0, 0.4),
+        point["embedding_size"],
+        point["ids"],
+        sample_rate=point["sample_rate"],
+        dtype=dtypes[point["dtype"]],
+        momentum_dtype=dtypes.get(point["momentum_dtype"]),
+        gemm_dtype=dtypes.get(point["gemm_dtype"]),
+        device=device,
+        seed=0,
+        even_batches=True,
+        chunk=point["chunk"],
+    )
+    if point["optimizer"] == "sgd":
+        opt = pfc_ds.SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = pfc_ds.SparseAdamW(head, lr=1e-3, weight_decay=0.05)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(1000 + rank)
+    b, d = point["batch_size"], point["embedding_size"]
+    emb = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
+    times = []
+    for i in range(point["warmup"] + point["steps"]):
+        labels = torch.randint(0, point["ids"], (b,), generator=gen).to(device)
+        dist.barrier()
+        t = time.perf_counter()
+        head(emb, labels).backward()
+        opt.step()
+        opt.zero_grad()
+        emb.grad = None
+        _sync(device)
+        if i >= point["warmup"]:
+            times.append(time.perf_counter() - t)
+    mem = {k: v / MB for k, v in head.memory().items()}
+    return {
+        "rank": rank,
+        "times": times,
+        "build_s": build_s,
+        "peak_mb": _peak_mb(device),
+        "runtime_mb": runtime,
+        **{f"{k}_mb": v for k, v in mem.items()},
+    }
+
+
+def merge(point: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record: the step's time is the slowest rank's, memory the busiest rank's."""
+    steps = [max(r["times"][i] for r in ranks) * 1e3 for i in range(len(ranks[0]["times"]))]
+    busiest = max(ranks, key=lambda r: r["peak_mb"])
+    head = HeadSpec(**{k: point[k] for k in HeadSpec.__dataclass_fields__ if k in point})
+    runtime = busiest["runtime_mb"] if point["device"] == "cpu" else 0.0
+    predicted = predict(head, device=point["device"], runtime_mb=runtime)
+    q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
+    return {
+        **{k: point[k] for k in _RECORD_KEYS},
+        "sampled_rows": head.sampled,
+        "num_local": head.num_local,
+        "step_ms": statistics.median(steps),
+        "step_ms_q1": q[0],
+        "step_ms_q3": q[2],
+        "build_s": max(r["build_s"] for r in ranks),
+        "peak_mem_mb": busiest["peak_mb"],
+        "bank_mb": busiest["bank_mb"],
+        "optimizer_state_mb": busiest["optimizer_state_mb"],
+        "workspace_mb": busiest["workspace_mb"],
+        "rest_mb": busiest["peak_mb"]
+        - busiest["bank_mb"]
+        - busiest["optimizer_state_mb"]
+        - busiest["workspace_mb"],
+        "runtime_mb": busiest["runtime_mb"],
+        "predicted_mem_mb": predicted["total"],
+        "predicted": predicted,
+        "per_rank_peak_mb": [r["peak_mb"] for r in ranks],
+    }
+
+
+_RECORD_KEYS = (
+    "ids",
+    "sample_rate",
+    "world_size",
+    "embedding_size",
+    "dtype",
+    "momentum_dtype",
+    "gemm_dtype",
+    "optimizer",
+    "chunk",
+    "batch_size",
+    "steps",
+    "device",
+    "bank",
+)
+
+
+def worker_main(point: dict[str, Any], out: Path) -> None:
+    """Entry of every rank of one point (under torchrun): measure, gather, rank 0 writes."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = point["device"] == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        point = {**point, "device": f"cuda:{local}"}
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        mine = measure_head(point)
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        if dist.get_rank() == 0:
+            point = {**point, "device": "cuda" if cuda else "cpu"}
+            out.write_text(json.dumps(merge(point, ranks)))
+    finally:
+        dist.destroy_process_group()
+
+
+def too_big(point: dict[str, Any]) -> str | None:
+    """Why a CPU point would not fit this machine's available memory (by the model), or None."""
+    if point["device"] != "cpu":
+        return None
+    head = HeadSpec(**{k: point[k] for k in HeadSpec.__dataclass_fields__ if k in point})
+    need = predict(head)["total"] * point["world_size"]
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
+    if need > 0.9 * avail:
+        return (
+            f"the model predicts {need / 1024:.1f} GiB for {point['world_size']} rank(s); "
+            f"this machine has {avail / 1024:.1f} GiB available"
+        )
+    return None
+
+
+def run_point(point: dict[str, Any], workdir: Path, timeout: float | None = None) -> dict:
+    """Launch W ranks for one point; returns its record (raises with the ranks' output)."""
+    w = point["world_size"]
+    out = workdir / f"point_{time.time_ns()}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    cmd += ["--nproc_per_node", str(w), "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(free_port()), "-m", "pfc_ds.scale"]
+    cmd += ["--worker", json.dumps(point), "--worker-out", str(out)]
+    env = dict(os.environ)
+    if point["device"] == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // w))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"point {point_label(point)} failed (exit {proc.returncode}):\n{tail}")
+    record = json.loads(out.read_text())
+    out.unlink()
+    return record
+
+
+def point_label(p: dict[str, Any]) -> str:
+    return f"ids={p['ids']:,} r={p['sample_rate']} W={p['world_size']} D={p['embedding_size']} {p['dtype']}"
+
+
+def bisect_budget(
+    base: dict[str, Any], budget_mb: float, workdir: Path, log=print
+) -> tuple[int, list[dict]]:
+    """The largest id count whose measured peak per rank fits ``budget_mb``, by bisection on
+    measured runs bracketed by the model's prediction (PLSC's max-class search, measured)."""
+    from pfc_ds.scale.model import max_ids
+
+    head = HeadSpec(**{k: base[k] for k in HeadSpec.__dataclass_fields__ if k in base})
+    guess = max_ids(head, budget_mb, device=base["device"])
+    w = base["world_size"]
+    records: list[dict] = []
+
+    def fits(ids: int) -> bool:
+        rec = run_point({**base, "ids": ids}, workdir)
+        records.append(rec)
+        ok = rec["peak_mem_mb"] <= budget_mb
+        log(
+            f"  budget {budget_mb:.0f} MB: ids={ids:,} peak {rec['peak_mem_mb']:.0f} MB "
+            f"(model {rec['predicted_mem_mb']:.0f}) -> {'fits' if ok else 'over'}"
+        )
+        return ok
+
+    lo, hi = int(guess * 0.9), int(guess * 1.1)
+    while not fits(lo):
+        lo, hi = lo // 2, lo
+        if lo < w:
+            return 0, records
+    while fits(hi):
+        lo, hi = hi, int(hi * 1.2)
+    # 1 % of the id count is as fine as a run-to-run peak difference can resolve.
+    while hi - lo > max(w, lo // 100):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, records
+
+
+def head_point(args, ids: int, rate: float, world: int) -> dict[str, Any]:
+    return {
+        "ids": ids,
+        "sample_rate": rate,
+        "world_size": world,
+        "embedding_size": args.embedding_size,
+        "dtype": args.dtype,
+        "momentum_dtype": args.momentum_dtype,
+        "gemm_dtype": args.gemm_dtype,
+        "optimizer": args.optimizer,
+        "chunk": args.chunk,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "bank": args.bank,
+    }
