@@ -199,12 +199,14 @@ def run_point(point: dict[str, Any], workdir: Path, timeout: float | None = None
     env = dict(os.environ)
     if point["device"] == "cpu":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // w))
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"point {point_label(point)} failed (exit {proc.returncode}):\n{tail}")
     record = json.loads(out.read_text())
     out.unlink()
+    record["load_before"] = load  # 1-min load average: other work on the machine skews times
     return record
 
 
