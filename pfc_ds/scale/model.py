@@ -128,11 +128,13 @@ def backbone_profile(name: str, embedding_size: int, image_size: int) -> tuple[i
 
     model = get_backbone(name, embedding_size).train()
     params = sum(p.numel() for p in model.parameters())
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:  # weights are counted as parameters
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     x = torch.randn(2, 3, image_size, image_size)
