@@ -173,13 +173,24 @@ def worker_main(point: dict[str, Any], out: Path) -> None:
         dist.destroy_process_group()
 
 
+def available_mb() -> float:
+    """MemAvailable (free plus reclaimable page cache), else the free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
+
+
 def too_big(point: dict[str, Any]) -> str | None:
     """Why a CPU point would not fit this machine's available memory (by the model), or None."""
     if point["device"] != "cpu":
         return None
     head = HeadSpec(**{k: point[k] for k in HeadSpec.__dataclass_fields__ if k in point})
     need = predict(head)["total"] * point["world_size"]
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
+    avail = available_mb()
     if need > 0.9 * avail:
         return (
             f"the model predicts {need / 1024:.1f} GiB for {point['world_size']} rank(s); "
