@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
     p.add_argument("--trace", action="store_true", help="write a torch.profiler trace")
     p.add_argument("--flops", action="store_true", help="DeepSpeed's flops profiler")
-    p.add_argument("--nproc", type=int, default=None, help="ranks when it launches itself")
+    p.add_argument("--ranks", type=int, default=None, help="ranks when it launches itself")
     p.set_defaults(output="runs/profile")
     deepspeed.add_config_arguments(p)
     return p.parse_args(argv)
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if "RANK" not in os.environ:
-        return launch_self(argv, args.nproc)
+        return launch_self(argv, args.ranks)
     import logging
     import warnings
 

@@ -41,7 +41,7 @@ def cfg_dict(**sections: dict[str, Any]) -> dict[str, Any]:
     """BASE with ``section={key: value}`` merged in."""
     out = copy.deepcopy(BASE)
     for name, values in sections.items():
-        out[name].update(values)
+        out.setdefault(name, {}).update(values)
     return out
 
 

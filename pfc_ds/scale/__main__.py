@@ -72,7 +72,14 @@ def parser() -> argparse.ArgumentParser:
         default=2.0,
         help="--model on a GPU: CUDA context, NCCL buffers and allocator slack, outside the model",
     )
-    p.add_argument("--backbone", default=None, help="--model: add this backbone's memory")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="time the whole training step with this backbone (pfc_ds.profile on synthetic "
+        "data); --model: add its memory",
+    )
+    p.add_argument("--config", default="configs/demo_cpu.yaml", help="--backbone: base config")
+    p.add_argument("--deepspeed_config", default=None, help="--backbone: DeepSpeed JSON")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
@@ -161,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pfc_ds.scale import report
-    from pfc_ds.scale.sweep import bisect_budget, head_point, point_label, run_point, too_big
+    from pfc_ds.scale.sweep import (
+        bisect_budget,
+        head_point,
+        point_label,
+        run_point,
+        too_big,
+        training_point,
+    )
 
     args.output.mkdir(parents=True, exist_ok=True)
     records, budget, skipped = [], None, []
@@ -175,7 +189,21 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(f"{point_label(point)}: {why}")
                     continue
                 print(f"{point_label(point)} ...", flush=True)
-                rec = run_point(point, args.output)
+                if args.backbone:
+                    point.update(
+                        backbone=args.backbone,
+                        image_size=args.image_size,
+                        config=args.config,
+                        deepspeed_config=args.deepspeed_config
+                        or (
+                            "ds_configs/zero2_fp16.json"
+                            if args.device == "cuda"
+                            else "ds_configs/cpu.json"
+                        ),
+                    )
+                    rec = training_point(point, args.output)
+                else:
+                    rec = run_point(point, args.output)
                 rec["kind"] = "sweep"
                 records.append(rec)
                 print(

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pfc_ds.scale.model import MB, HeadSpec, predict
+from pfc_ds.scale.model import MB, BackboneSpec, HeadSpec, predict
 
 _DTYPES = ("fp32", "fp16", "bf16")
 
@@ -277,4 +277,76 @@ def head_point(args, ids: int, rate: float, world: int) -> dict[str, Any]:
         "warmup": args.warmup,
         "device": args.device,
         "bank": args.bank,
+    }
+
+
+def training_point(point: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """A whole training step (``--backbone``): ``pfc_ds.profile`` on the synthetic demo data
+    with this point's head and backbone, read back as a sweep record."""
+    out = workdir / f"profile_{time.time_ns()}"
+    sets = {
+        "model.backbone": point["backbone"],
+        "model.embedding_size": point["embedding_size"],
+        "data.num_classes": point["ids"],
+        "data.image_size": point["image_size"],
+        "data.num_images": 1_000_000_000,
+        "head.sample_rate": point["sample_rate"],
+        "head.dtype": point["dtype"],
+        "train.batch_size": point["batch_size"],
+        "train.log_every": 1_000_000,
+    }
+    if point["momentum_dtype"]:
+        sets["head.momentum_dtype"] = point["momentum_dtype"]
+    if point["chunk"]:
+        sets["head.chunk"] = point["chunk"]
+    cmd = [sys.executable, "-m", "pfc_ds.profile", "--config", point["config"]]
+    cmd += ["--deepspeed_config", point["deepspeed_config"], "--output", str(out)]
+    cmd += ["--steps", str(point["steps"]), "--warmup", str(point["warmup"])]
+    cmd += ["--ranks", str(point["world_size"])]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "profile.json").is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"point {point_label(point)} failed (exit {proc.returncode}):\n{tail}")
+    prof = json.loads((out / "profile.json").read_text())
+    head = HeadSpec(**{k: point[k] for k in HeadSpec.__dataclass_fields__ if k in point})
+    backbone = BackboneSpec(
+        point["backbone"],
+        point["embedding_size"],
+        point["image_size"],
+        prof["precision"],
+        prof["zero_stage"],
+        "adamw" if prof["memory_mb"]["backbone_optimizer"] > 0 else "sgd",
+        point["batch_size"],
+        point["world_size"],
+    )
+    mem = prof["memory_mb"]
+    runtime = mem["runtime"] if point["device"] == "cpu" else 0.0
+    predicted = predict(head, backbone, device=point["device"], runtime_mb=runtime)
+    steps = [r["step_ms"] for r in prof["per_rank"]]
+    return {
+        **{k: point[k] for k in _RECORD_KEYS},
+        "backbone": point["backbone"],
+        "sampled_rows": head.sampled,
+        "num_local": head.num_local,
+        "step_ms": prof["step_ms"],
+        "step_ms_q1": min(steps),
+        "step_ms_q3": max(steps),
+        "img_per_s": prof["img_per_s"],
+        "build_s": float("nan"),
+        "peak_mem_mb": prof["peak_mb"],
+        "bank_mb": mem["head_bank"],
+        "optimizer_state_mb": mem["head_optimizer_state"],
+        "workspace_mb": mem["head_workspace"],
+        "rest_mb": prof["peak_mb"]
+        - mem["head_bank"]
+        - mem["head_optimizer_state"]
+        - mem["head_workspace"],
+        "runtime_mb": mem["runtime"],
+        "predicted_mem_mb": predicted["total"],
+        "predicted": predicted,
+        "split_ms": prof["split_ms"],
+        "memory_mb": mem,
     }

@@ -97,12 +97,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Verification sets scored while training (insightface's lfw/cfp_fp/agedb_30 ``.bin``)."""
+
+    sets: list = field(default_factory=list)  # .bin paths, read (and checked) at startup
+    every: int = 0  # optimizer steps between evaluations; 0: only at the end
+    batch_size: int = 64  # images per forward (each rank embeds its slice of a set)
+    # > 0: also write and score OUTPUT/eval/synthetic.bin, held-out pairs of the synthetic
+    # source (its classes from data.num_classes on, never trained on).
+    synthetic_pairs: int = 0
+    save_best: bool = False  # write OUTPUT/best_backbone.pt when the mean accuracy improves
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -162,6 +176,7 @@ class Config:
             ("train.grad_accum", self.train.grad_accum),
             ("train.log_every", self.train.log_every),
             ("head.chunk", self.head.chunk or 1),
+            ("eval.batch_size", self.eval.batch_size),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -174,6 +189,13 @@ class Config:
                 f"data.{next(iter(self.data.pipeline))} is not a key of the synthetic source; "
                 f"allowed: {', '.join(_field_names(DataConfig, skip=('pipeline',)))}"
             )
+        if self.eval.every < 0 or self.eval.synthetic_pairs < 0:
+            raise ConfigError("eval.every and eval.synthetic_pairs must be >= 0")
+        if self.eval.synthetic_pairs and self.data.source != "synthetic":
+            raise ConfigError("eval.synthetic_pairs needs data.source: synthetic")
+        for path in self.eval.sets:
+            if not Path(str(path)).is_file():
+                raise ConfigError(f"eval.sets: {path} is not a file")
         self.head_optimizer()
 
 

@@ -181,6 +181,10 @@ class Trainer:
             seed=cfg.data.seed,
         )
         self._build_head()  # after the loader: it may supply data.num_classes
+        from pfc_ds.train.evaluation import Evaluator
+
+        self.evaluator = Evaluator(cfg, self.output, self.rank)
+        self.eval_history: list[dict[str, Any]] = []
         gas = cfg.train.grad_accum
         micro_per_epoch = len(self.loader)
         self.total_steps = (
@@ -407,6 +411,9 @@ class Trainer:
                         self._log(logger, res, end)
                         if on_step is not None:
                             on_step(self.step)
+                    if self.evaluator.due(self.step, end):
+                        with phases.span("eval"):
+                            self._evaluate(logger)
                     with phases.span("comm"):
                         agreed = stop.agreed()
                     if agreed:
@@ -516,6 +523,23 @@ class Trainer:
             extra=self._log_extra(res),
         )
         self._since_log = 0
+
+    def _evaluate(self, logger: MetricsLogger) -> None:
+        """Score the verification sets on every rank; rank 0 logs; optionally keep the best."""
+        from pfc_ds.train.evaluation import format_results
+
+        results = self.evaluator.run(self.engine)
+        metrics, improved = self.evaluator.record(self.step, results)
+        self.eval_history.append(metrics)
+        logger.write(metrics, tensorboard_prefix="")
+        if self.rank == 0:
+            print(format_results(self.step, results), file=logger.stream, flush=True)
+        if improved and self.cfg.eval.save_best:
+            state = full_backbone_state(self.engine)  # collective under ZeRO
+            if self.rank == 0:
+                from pfc_ds.train.shard_files import atomic_save
+
+                atomic_save(state, self.output / "best_backbone.pt")
 
     def _log_extra(self, res) -> dict[str, Any]:
         extra: dict[str, Any] = {"epoch": self.epoch, "skipped": not res.applied}

@@ -131,6 +131,18 @@ class MetricsLogger:
         )
         return record
 
+    def write(self, record: dict[str, Any], tensorboard_prefix: str = "") -> None:
+        """Append a record (rank 0) to ``metrics.jsonl``; its numbers also go to TensorBoard."""
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{tensorboard_prefix}{key}", value, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

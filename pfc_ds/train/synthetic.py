@@ -57,12 +57,40 @@ def synthetic_samples(
     computed on the device of ``indices`` (a GPU generates its own batches)."""
     indices = indices.to(torch.int64)
     labels = _key(seed, 1, indices) % num_classes
+    return render(labels, indices, image_size=image_size, seed=seed), labels
+
+
+def render(
+    labels: torch.Tensor, indices: torch.Tensor, *, image_size: int, seed: int
+) -> torch.Tensor:
+    """Images of class ``labels`` with the noise of sample ``indices`` (any int64 values)."""
     proto = _uniform(_key(seed, 2, labels), 3 * _PROTO_GRID * _PROTO_GRID)
     proto = _upsample(proto.view(-1, 3, _PROTO_GRID, _PROTO_GRID), image_size)
     grid = -(-image_size // _NOISE_CELL)
     noise = _uniform(_key(seed, 3, indices), 3 * grid * grid).view(-1, 3, grid, grid)
-    images = proto.mul_(_PROTO_WEIGHT).add_(_upsample(noise, image_size), alpha=1 - _PROTO_WEIGHT)
-    return images, labels
+    return proto.mul_(_PROTO_WEIGHT).add_(_upsample(noise, image_size), alpha=1 - _PROTO_WEIGHT)
+
+
+def heldout_pairs(
+    num_pairs: int, *, first_class: int, image_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A verification set of the same distribution with no training class: uint8 RGB images
+    ``(2P, S, S, 3)`` (rows 2i, 2i+1 form pair i) and ``issame`` ``(P,)``, alternating.
+
+    Classes start at ``first_class`` (``data.num_classes``: never trained on) and the noise
+    comes from sample indices from 2**48 on, which training never reaches.
+    """
+    pairs = torch.arange(num_pairs, dtype=torch.int64)
+    pool = max(2, num_pairs)
+    a = _key(seed, 4, pairs) % pool
+    b = (a + 1 + _key(seed, 5, pairs) % (pool - 1)) % pool
+    issame = pairs % 2 == 0
+    labels = first_class + torch.stack([a, torch.where(issame, a, b)], 1).reshape(-1)
+    images = render(
+        labels, (1 << 48) + torch.arange(2 * num_pairs), image_size=image_size, seed=seed
+    )
+    images = images.mul(127.5).add(127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous(), issame
 
 
 def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
