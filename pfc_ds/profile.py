@@ -211,6 +211,7 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg.train.output = str(out / "run")
     cfg.train.save_every = 0
     cfg.train.tensorboard = False
+    cfg.eval.sets, cfg.eval.synthetic_pairs = [], 0  # time training steps only
     ds = build_ds_config(args.deepspeed_config or cfg.train.deepspeed, cfg, world_size=None)
     total = args.warmup + args.steps
     if args.flops:
