@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import pfc_ds
+from pfc_ds.head import bank as bank_module
+from pfc_ds.head import partial_fc
 from pfc_ds.scale import __main__ as cli
 from pfc_ds.scale.model import BackboneSpec, HeadSpec, backbone_bytes, head_bytes, max_ids, predict
 from pfc_ds.scale.report import fit_per_row
@@ -43,8 +45,13 @@ RECORD_FIELDS = {
         if not (c[0] == "fp32" and c[1] == "same")
     ],
 )
-def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom):
-    """Bank, optimizer state and workspace bytes after two steps equal the model's terms."""
+@pytest.mark.parametrize("blocks", [False, True])
+def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, monkeypatch):
+    """Bank, optimizer state and workspace bytes after two steps equal the model's terms, with
+    the default blocks and with blocks small enough to split the sampled rows."""
+    if blocks:
+        monkeypatch.setattr(partial_fc, "ROW_BLOCK_BYTES", 40 * 16 * 4)  # 40 rows of D=16
+        monkeypatch.setattr(bank_module, "_GATHER_BLOCK", 25 * 16)
     g = store if gemm == "same" else None
     num_classes, batch, dim = 3000, 24, 16
     head = pfc_ds.PartialFC(

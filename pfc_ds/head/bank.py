@@ -57,6 +57,9 @@ def init_centres(
     return out
 
 
+# Gathers that change dtype stage at most this many elements at a time (16 MB of fp32).
+_GATHER_BLOCK = 1 << 22
+
 # Stochastic rounding works through a row block of about this many elements at a time, so its
 # temporaries stay a few MB whatever the number of sampled rows.
 _SR_BLOCK = 1 << 20
@@ -220,8 +223,14 @@ class CenterBank:
             return src.index_select(0, rows).float()
         if src.dtype == out.dtype:
             return torch.index_select(src, 0, rows, out=out)
-        staged = self._staging.get("gather", tuple(out.shape), src.dtype)
-        return out.copy_(torch.index_select(src, 0, rows, out=staged))
+        # Through a staging block in the source dtype: its size is a block, not the gather's.
+        per_row = out[0].numel() if out.dim() > 1 and out.shape[0] else 1
+        step = max(1, _GATHER_BLOCK // max(per_row, 1))
+        for r0 in range(0, out.shape[0], step):
+            r1 = min(out.shape[0], r0 + step)
+            staged = self._staging.get("gather", (r1 - r0, *out.shape[1:]), src.dtype)
+            out[r0:r1].copy_(torch.index_select(src, 0, rows[r0:r1], out=staged))
+        return out
 
     def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy of the weight ``rows``: fp32, or ``out``'s dtype when given."""

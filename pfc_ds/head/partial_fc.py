@@ -71,6 +71,19 @@ class SampledRows:
         return self._finite[1]
 
 
+# The optimizers update rows in blocks of about this many bytes of fp32 rows, so their buffers
+# (weights, momentum or AdamW moments, rounding staging) are a block, not S x D, per step.
+ROW_BLOCK_BYTES = 64 * 2**20
+
+
+def row_blocks(num_rows: int, dim: int, block_bytes: int | None = None):
+    """``(r0, r1)`` ranges of rows whose fp32 copies take about ``block_bytes`` (default
+    ``ROW_BLOCK_BYTES``) each."""
+    step = max(1, (block_bytes or ROW_BLOCK_BYTES) // (4 * max(dim, 1)))
+    for r0 in range(0, num_rows, step):
+        yield r0, min(num_rows, r0 + step)
+
+
 @dataclass
 class RowGrads:
     """What the sparse optimizers update: every pending row once, with its summed gradient.
@@ -78,16 +91,36 @@ class RowGrads:
     Under accumulation a row sampled by several micro-batches appears once per sampling, each
     copy carrying the same summed gradient and weight, so writing them all back is the same as
     writing one. ``mask`` (``None``: all) says which entries may change; ``finite`` whether all
-    gradients are finite. ``full``: ``index`` is the whole shard in order and ``weight`` is the
-    bank's own tensor, updated in place.
+    gradients are finite. ``rows``: the current weights of ``index`` as gathered for the forward
+    (any dtype), or ``None`` to gather them from the bank block by block. ``full``: ``index`` is
+    the whole shard in order and ``rows`` is the bank's own fp32 tensor, updated in place.
+    ``distinct``: no row repeats, so blocks may be updated one after another; repeated rows
+    (the union) go in one block, each copy reading the state from before any write.
     """
 
     index: torch.Tensor
     grad: torch.Tensor
-    weight: torch.Tensor
+    rows: torch.Tensor | None
     mask: torch.Tensor | None
     finite: torch.Tensor
     full: bool = False
+    distinct: bool = True
+
+    def blocks(self):
+        """``(r0, r1)`` row ranges for the optimizer (one range when rows repeat)."""
+        if not self.distinct:
+            return [(0, len(self.index))]
+        return row_blocks(len(self.index), self.grad.shape[1])
+
+    def weight(self, r0: int, r1: int, bank: CenterBank, ws: Workspace) -> torch.Tensor:
+        """fp32 weights of rows ``r0:r1``: a view where they are fp32 already, else a copy in
+        a block-sized workspace buffer."""
+        if self.rows is not None and self.rows.dtype == torch.float32:
+            return self.rows[r0:r1]
+        out = ws.get("weight_block", (r1 - r0, self.grad.shape[1]), torch.float32)
+        if self.rows is not None:
+            return out.copy_(self.rows[r0:r1])
+        return bank.gather(self.index[r0:r1], out=out)
 
 
 class PartialFC(torch.nn.Module):
@@ -277,12 +310,8 @@ class PartialFC(torch.nn.Module):
         dim, ws = self.embedding_size, self.workspace
         if len(pending) == 1:
             p = pending[0]
-            if p.rows is self.bank.weight and p.rows.dtype == torch.float32:
-                return RowGrads(p.index, p.grad, p.rows, p.active, finite, full=True)
-            weight = p.current_rows()
-            if weight.dtype != torch.float32:
-                weight = ws.get("rows_fp32", tuple(p.grad.shape), torch.float32).copy_(weight)
-            return RowGrads(p.index, p.grad, weight, p.active, finite)
+            full = p.rows is self.bank.weight and p.rows.dtype == torch.float32
+            return RowGrads(p.index, p.grad, p.current_rows(), p.active, finite, full=full)
         index = torch.cat([p.index for p in pending])
         order = index.argsort(stable=True)
         ranked = index[order]
@@ -294,6 +323,7 @@ class PartialFC(torch.nn.Module):
         total.index_add_(0, group, torch.cat([p.grad for p in pending]))
         grad = ws.get("union_grad", (len(index), dim), torch.float32)
         torch.index_select(total, 0, group, out=grad)
+        # Every copy of a row reads the weight as it was before any write: one block.
         weight = self.bank.gather(index, out=ws.get("union_rows", grad.shape, torch.float32))
         mask = None
         if any(p.active is not None for p in pending):
@@ -305,7 +335,7 @@ class PartialFC(torch.nn.Module):
             )
             any_act = torch.zeros_like(index).scatter_reduce_(0, group, act.long(), "amax")
             mask = any_act[group].bool()
-        return RowGrads(index, grad, weight, mask, finite)
+        return RowGrads(index, grad, weight, mask, finite, distinct=False)
 
     def clear_pending(self) -> None:
         self.pending.clear()

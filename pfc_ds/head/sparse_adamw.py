@@ -47,24 +47,30 @@ class SparseAdamW(RowSparseOptimizer):
         rg, apply, on = taken
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        bank, ws, g, w, index = self.head.bank, self.head.workspace, rg.grad, rg.weight, rg.index
-
-        steps = bank.gather_state("steps", index, out=ws.get("steps", (len(index),), torch.int32))
-        steps.add_(apply.reshape(-1).to(torch.int32))
-        m = bank.gather_state("exp_avg", index, out=ws.get("exp_avg", g.shape, torch.float32))
-        v = bank.gather_state("exp_avg_sq", index, out=ws.get("exp_avg_sq", g.shape, torch.float32))
-        # Where nothing applies every factor is 1 and every increment 0: exact no-ops.
-        m.mul_(torch.where(apply, b1, 1.0)).add_(g, alpha=1 - b1)
-        v.mul_(torch.where(apply, b2, 1.0)).addcmul_(g, g, value=1 - b2)
-        t = steps.clamp_min(1).to(torch.float32)[:, None]
-        step_size = on * lr / (1 - b1**t)
-        denom = ws.get("adam_denom", g.shape, torch.float32)
-        torch.sqrt(v, out=denom).div_(torch.sqrt(1 - b2**t)).add_(eps)
-        w.mul_(1 - on * (lr * wd))
-        w.sub_(torch.div(m, denom, out=denom).mul_(step_size))
-        if not rg.full:
-            bank.apply_update(index, w, None)
-        bank.write_state("exp_avg", index, m)
-        bank.write_state("exp_avg_sq", index, v)
-        bank.write_state("steps", index, steps)
+        bank, ws = self.head.bank, self.head.workspace
+        for r0, r1 in rg.blocks():
+            index, g = rg.index[r0:r1], rg.grad[r0:r1]
+            a, o = (apply[r0:r1], on[r0:r1]) if apply.dim() else (apply, on)
+            w = rg.weight(r0, r1, bank, ws)
+            steps = ws.get("steps", (len(index),), torch.int32)
+            bank.gather_state("steps", index, out=steps)
+            steps.add_(a.reshape(-1).to(torch.int32) if a.dim() else a.to(torch.int32))
+            m = bank.gather_state("exp_avg", index, out=ws.get("exp_avg", g.shape, torch.float32))
+            v = bank.gather_state(
+                "exp_avg_sq", index, out=ws.get("exp_avg_sq", g.shape, torch.float32)
+            )
+            # Where nothing applies every factor is 1 and every increment 0: exact no-ops.
+            m.mul_(torch.where(a, b1, 1.0)).add_(g, alpha=1 - b1)
+            v.mul_(torch.where(a, b2, 1.0)).addcmul_(g, g, value=1 - b2)
+            t = steps.clamp_min(1).to(torch.float32)[:, None]
+            step_size = o * lr / (1 - b1**t)
+            denom = ws.get("adam_denom", g.shape, torch.float32)
+            torch.sqrt(v, out=denom).div_(torch.sqrt(1 - b2**t)).add_(eps)
+            w.mul_(1 - o * (lr * wd))
+            w.sub_(torch.div(m, denom, out=denom).mul_(step_size))
+            if not rg.full:
+                bank.apply_update(index, w, None)
+            bank.write_state("exp_avg", index, m)
+            bank.write_state("exp_avg_sq", index, v)
+            bank.write_state("steps", index, steps)
         return rg.finite

@@ -12,8 +12,9 @@ class SparseSGD(RowSparseOptimizer):
 
     Rows not sampled since the last ``zero_grad`` keep their weight *and* momentum bit-identical:
     no passive momentum update, unlike a dense optimizer over ``weight[index]``. The update runs
-    in fp32 on gathered rows and is written back in the bank's storage dtype; nothing of size
-    ``num_local x D`` is allocated (at ``sample_rate = 1`` an fp32 bank is updated in place).
+    in fp32, block by block of sampled rows (``row_blocks``: its buffers are one block), and is
+    written back in the bank's storage dtype; nothing of size ``num_local x D`` is allocated
+    (at ``sample_rate = 1`` an fp32 bank is updated in place).
     Several forwards before one ``step`` (gradient accumulation) update the union of their rows
     with the summed gradient.
 
@@ -45,21 +46,27 @@ class SparseSGD(RowSparseOptimizer):
         rg, apply, on = taken
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        bank, g, w = self.head.bank, rg.grad, rg.weight
-        if wd:
-            torch.addcmul(g, w, on * wd, out=g)
+        head = self.head
+        bank, ws = head.bank, head.workspace
         if mom:
             bank.ensure_state("momentum")
-            if rg.full:  # an fp32 bank at sample_rate 1: its momentum is fp32 too
-                buf = bank.momentum
+        for r0, r1 in rg.blocks():
+            index, g = rg.index[r0:r1], rg.grad[r0:r1]
+            a, o = (apply[r0:r1], on[r0:r1]) if apply.dim() else (apply, on)
+            w = rg.weight(r0, r1, bank, ws)
+            if wd:
+                torch.addcmul(g, w, o * wd, out=g)
+            if mom:
+                if rg.full:  # an fp32 bank at sample_rate 1: its momentum is fp32 too
+                    buf = bank.momentum[r0:r1]
+                else:
+                    buf = ws.get("momentum", tuple(g.shape), torch.float32)
+                    bank.gather_state("momentum", index, out=buf)
+                # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
+                buf.mul_(torch.where(a, mom, 1.0)).add_(g)
             else:
-                buf = self.head.workspace.get("momentum", tuple(g.shape), torch.float32)
-                bank.gather_state("momentum", rg.index, out=buf)
-            # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
-            buf.mul_(torch.where(apply, mom, 1.0)).add_(g)
-        else:
-            buf = g
-        torch.addcmul(w, buf, on * -lr, out=w)
-        if not rg.full:
-            bank.apply_update(rg.index, w, buf if mom else None)
+                buf = g
+            torch.addcmul(w, buf, o * -lr, out=w)
+            if not rg.full:
+                bank.apply_update(index, w, buf if mom else None)
         return rg.finite

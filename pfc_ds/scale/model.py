@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from functools import cache
 
+from pfc_ds.head import bank as _bank
+from pfc_ds.head import partial_fc as _partial_fc
 from pfc_ds.head.margin_softmax import DEFAULT_CHUNK_BYTES, chunk_size
 from pfc_ds.head.sharding import shard_range
 
@@ -72,18 +74,26 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
     # SGD: momentum; AdamW: exp_avg, exp_avg_sq and steps (int32).
     states = n * d * mom if h.optimizer == "sgd" else n * (2 * d * mom + 4)
 
+    # The optimizers work through blocks of rows (partial_fc.ROW_BLOCK_BYTES of fp32), and a
+    # dtype-changing gather stages bank._GATHER_BLOCK elements at a time.
+    blk = min(s, max(1, _partial_fc.ROW_BLOCK_BYTES // (4 * d)))
+    staged = max(1, _bank._GATHER_BLOCK // d)
     ws = s * d * 4  # "grad0": dL/drows (SampledRows.grad_buffer)
     if not whole:
         ws += s * d * row  # "rows": the gathered rows (PartialFC.forward)
-    ws += s * d * 4 if row != 4 else 0  # "rows_fp32" (PartialFC.row_grads)
-    # Bank staging (one half-precision buffer each, shared by weight and states): "gather"
-    # converts gathered half rows, "store" holds stochastically rounded ones.
-    ws += s * d * 2 if (not whole and row != store) or half_state else 0
-    ws += s * d * 2 if (store != 4 or half_state) and not full else 0
+    ws += blk * d * 4 if row != 4 else 0  # "weight_block": fp32 copies of half rows
+    # Bank staging, one half-precision buffer each: "gather" (the forward's half rows, the
+    # optimizer's half states) and "store" (stochastically rounded rows).
+    gather_rows = max(
+        min(s, staged) if not whole and row != store else 0,
+        min(blk, staged) if half_state and not full else 0,
+    )
+    ws += gather_rows * d * 2
+    ws += blk * d * 2 if (store != 4 or half_state) and not full else 0
     if h.optimizer == "sgd":
-        ws += 0 if full else s * d * 4  # "momentum" (SparseSGD.step)
+        ws += 0 if full else blk * d * 4  # "momentum" (SparseSGD.step)
     else:
-        ws += 3 * s * d * 4 + s * 4  # "exp_avg", "exp_avg_sq", "adam_denom", "steps"
+        ws += 3 * blk * d * 4 + blk * 4  # "exp_avg", "exp_avg_sq", "adam_denom", "steps"
     chunk = h.chunk or chunk_size(nb, s)
     ws += 2 * nb * min(chunk, s) * 4  # "block", "block_grad" (margin_softmax)
     ws += n * 8 if s == n else 0  # the sampler's arange(num_local), kept for full-shard steps
