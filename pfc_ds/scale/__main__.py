@@ -61,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda if this machine has one (always cuda with --model)",
+    )
     p.add_argument("--output", type=Path, default=Path("runs/scale"))
     p.add_argument("--budget-gb", type=float, default=None, help="bisect the largest ids per rank")
     p.add_argument("--model", action="store_true", help="print the memory model; run nothing")
@@ -93,7 +98,8 @@ def resolve(args) -> None:
     if args.device is None:
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # --model plans for GPUs unless told otherwise; a run uses what this machine has.
+        args.device = "cuda" if args.model or torch.cuda.is_available() else "cpu"
     if args.gemm_dtype == "auto":
         args.gemm_dtype = args.dtype if args.device == "cuda" and args.dtype != "fp32" else None
     elif args.gemm_dtype == "fp32":
