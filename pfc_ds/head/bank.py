@@ -143,7 +143,13 @@ class CenterBank:
     ``states`` holds the per-row optimizer tensors by name (``ROW_STATES``): row-shaped ones in
     ``momentum_dtype``, ``steps`` as one int32 per row. Half-precision storage (fp16, bf16) is
     written with stochastic rounding from a ``StepRng`` stream, whose state loads on any device.
+
+    ``storage`` is where the tensors live and ``device`` where gathered rows go and updates
+    come from; here both are the same device (``resident``: the head may read ``weight``
+    itself). ``HostBank`` and ``DiskBank`` keep them apart behind the same methods.
     """
+
+    resident = True
 
     def __init__(
         self,
@@ -168,6 +174,13 @@ class CenterBank:
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+    @property
+    def storage(self) -> torch.device:
+        return self.weight.device
+
+    def flush(self) -> None:
+        """Finish outstanding writes (none here: every write is done when it returns)."""
 
     @property
     def momentum(self) -> torch.Tensor | None:
@@ -197,11 +210,15 @@ class CenterBank:
         """Allocate a row state now (zeros), not as a spike at the first update."""
         if name not in self.states:
             shape, dtype = self._shape_dtype(name)
-            self.states[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.states[name] = self._new_state(name, shape, dtype)
         return self.states[name]
+
+    def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.storage)
 
     def load(self, weight: torch.Tensor, states: dict[str, torch.Tensor | None]) -> None:
         """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's)."""
+        self.flush()
         if tuple(weight.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"head weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
@@ -259,12 +276,16 @@ class CenterBank:
     def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write a row state's ``rows`` back in its dtype; every other row stays bit-identical."""
         state = self.ensure_state(name)
-        state.index_copy_(0, rows, self._store(values, state.dtype))
+        self._write(state, rows, self._store(values, state.dtype))
 
     def apply_update(
         self, rows: torch.Tensor, new_rows: torch.Tensor, new_momentum: torch.Tensor | None
     ) -> None:
         """Write ``rows`` back in the storage dtypes; every other row stays bit-identical."""
-        self.weight.index_copy_(0, rows, self._store(new_rows, self.weight.dtype))
+        self._write(self.weight, rows, self._store(new_rows, self.weight.dtype))
         if new_momentum is not None:
             self.write_state("momentum", rows, new_momentum)
+
+    def _write(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``values`` (already in ``target``'s dtype) at ``rows``."""
+        target.index_copy_(0, rows, values)

@@ -17,11 +17,14 @@ from pfc_ds.head.collectives import (
     gather_sizes,
     world,
 )
+from pfc_ds.head.host_bank import DiskBank, HostBank
 from pfc_ds.head.margin_softmax import margin_softmax_cross_entropy
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
 from pfc_ds.head.workspace import Workspace
+
+BANKS = ("device", "host", "disk")
 
 _META_KEYS = ("num_classes", "world_size", "rank", "class_start", "num_local", "embedding_size")
 _STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
@@ -154,6 +157,8 @@ class PartialFC(torch.nn.Module):
         *,
         even_batches: bool = False,
         chunk: int | None = None,
+        bank: str = "device",
+        bank_path: str | None = None,
     ) -> None:
         super().__init__()
         if embedding_size < 1:
@@ -166,6 +171,8 @@ class PartialFC(torch.nn.Module):
             )
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+        if bank not in BANKS:
+            raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
         world_size, rank = world(process_group)
         self.class_start, self.num_local = shard_range(num_classes, world_size, rank)
         if device is None:
@@ -183,8 +190,30 @@ class PartialFC(torch.nn.Module):
         self.gemm_dtype = None if gemm_dtype == torch.float32 else gemm_dtype
         self.even_batches = even_batches
         self.chunk = chunk
-        weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
-        self.bank = CenterBank(weight.to(device), momentum_dtype, seed=seeds.rounding(seed, rank))
+        rounding = seeds.rounding(seed, rank)
+        if bank == "disk":
+            if bank_path is None:
+                raise ValueError("a disk bank needs bank_path (a folder for its files)")
+            self.bank = DiskBank(
+                bank_path,
+                seed=seed,
+                class_start=self.class_start,
+                num_local=self.num_local,
+                embedding_size=embedding_size,
+                dtype=dtype,
+                device=device,
+                rank=rank,
+                world_size=world_size,
+                momentum_dtype=momentum_dtype,
+                rounding_seed=rounding,
+            )
+        else:
+            weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
+            if bank == "host":
+                self.bank = HostBank(weight, device, momentum_dtype, seed=rounding)
+            else:
+                self.bank = CenterBank(weight.to(device), momentum_dtype, seed=rounding)
+        self._prefetched = None
         self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank)
         self.workspace = Workspace(device)
         self.pending: list[SampledRows] = []
@@ -253,26 +282,60 @@ class PartialFC(torch.nn.Module):
             return [n] * self.world_size
         return gather_sizes(n, device, self.process_group)
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(local_embeddings, local_labels)
+    def _sample(self, local_labels: torch.Tensor, sizes: list[int]):
+        """All-gather and check the labels, then sample this shard's rows; start their gather.
+
+        Returns ``(index, target, active, rows, pending)``: ``pending`` is the running gather
+        of a host or disk bank (``None`` once ``rows`` hold the values).
+        """
         group, device = self.process_group, self.bank.device
-        sizes = self._sizes(local_labels.shape[0], local_labels.device)
         # Labels first: every rank sees a bad label and raises together, none hangs in a collective.
         labels = all_gather_no_grad(local_labels.long(), sizes, group).to(device)
         self._check_labels(labels)
-        embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
-
         with phases.span("head/sample"):
-            index, target, active = self.sampler.sample(labels - self.class_start)
-        slot = len(self.pending)
+            local = labels - self.class_start
+            if not self.bank.resident:  # the rows are indexed where they live
+                local = local.to(self.bank.storage)
+            index, target, active = self.sampler.sample(local)
+            target = target.to(device)
+            active = None if active is None else active.to(device)
         same = self.gemm_dtype is not None and self.gemm_dtype == self.bank.weight.dtype
         row_dtype = self.bank.weight.dtype if same else torch.float32
-        if len(index) == self.num_local and self.bank.weight.dtype == row_dtype:
-            rows = self.bank.weight  # the whole shard: no copy
-        else:
-            shape = (len(index), self.embedding_size)
+        whole = len(index) == self.num_local and self.bank.weight.dtype == row_dtype
+        if whole and self.bank.resident:
+            return index, target, active, self.bank.weight, None  # no copy
+        out = self.workspace.get("rows", (len(index), self.embedding_size), row_dtype)
+        if self.bank.resident:
             with phases.span("head/gather"):
-                rows = self.bank.gather(index, out=self.workspace.get("rows", shape, row_dtype))
+                return index, target, active, self.bank.gather(index, out=out), None
+        return index, target, active, out, self.bank.gather_async(index, out)
+
+    def prefetch(self, local_labels: torch.Tensor) -> None:
+        """Sample this step's rows and start gathering them now, from the labels alone.
+
+        Call it before the backbone's forward with the labels ``forward`` will get (the same
+        tensor): a host or disk bank then copies the rows while the backbone computes. It runs
+        the labels' all-gather, so every rank must call it, as ``forward``.
+        """
+        if local_labels.dim() != 1 or local_labels.dtype.is_floating_point:
+            return  # forward raises the clear error
+        sizes = self._sizes(local_labels.shape[0], local_labels.device)
+        self._prefetched = (local_labels, self._sample(local_labels, sizes))
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(local_embeddings, local_labels)
+        group, device = self.process_group, self.bank.device
+        ready, self._prefetched = self._prefetched, None
+        sizes = self._sizes(local_labels.shape[0], local_labels.device)
+        if ready is not None and ready[0] is local_labels:
+            index, target, active, rows, pending = ready[1]
+        else:
+            index, target, active, rows, pending = self._sample(local_labels, sizes)
+        embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
+        if pending is not None:
+            with phases.span("head/gather"):  # prefetched: only the wait is left
+                rows = pending.wait()
+        slot = len(self.pending)
         uses = None if rows is self.bank.weight else self.workspace.uses("rows")
         sampled = SampledRows(index, rows, active, slot, self.workspace, self.bank, uses)
         self.pending.append(sampled)
@@ -361,6 +424,7 @@ class PartialFC(torch.nn.Module):
         """This rank's shard as live references (no copy of the bank): weight, optimizer row
         states (``momentum``, AdamW's moments and steps), RNG states and the sharding it belongs
         to. Copy what you keep past the next step."""
+        self.bank.flush()
         destination[prefix + "weight"] = self.weight.detach()
         destination[prefix + "momentum"] = None  # always present (older readers expect it)
         for name, value in self.bank.states.items():

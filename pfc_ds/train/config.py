@@ -47,6 +47,11 @@ class HeadConfig:
     momentum_dtype: str | None = None  # None: the storage dtype
     gemm_dtype: str = "auto"  # auto: the engine's precision
     chunk: int | None = None  # sampled columns per softmax block; None: a 64 MB block
+    # Where the centres and their optimizer states live: device (the GPU, or the CPU), host
+    # (host RAM, rows copied per step) or disk (memory-mapped files in bank_path).
+    bank: str = "device"
+    bank_path: str | None = None  # disk: a folder for the bank's files (scratch space)
+    bank_prefetch: bool = True  # host/disk: gather the rows while the backbone computes
     # The head's row-sparse optimizer: sgd (SparseSGD) or adamw (SparseAdamW); None: optim.name,
     # as insightface trains the head with the backbone's optimizer.
     optimizer: str | None = None
@@ -161,6 +166,9 @@ class Config:
         _choice("head.momentum_dtype", self.head.momentum_dtype, (None, *DTYPES))
         _choice("head.gemm_dtype", self.head.gemm_dtype, GEMM_DTYPES)
         _choice("head.optimizer", self.head.optimizer, (None, *OPTIMIZERS))
+        _choice("head.bank", self.head.bank, ("device", "host", "disk"))
+        if self.head.bank == "disk" and not self.head.bank_path:
+            raise ConfigError("head.bank: disk needs head.bank_path (a folder for its files)")
         if len(self.head.margin) != 3:
             raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
         if not 0.0 <= self.head.sample_rate <= 1.0:  # 0: positives only, as in the head

@@ -202,6 +202,8 @@ class Lockstep:
         head_optimizer,
         schedule: PolynomialLRWarmup,
         base_lrs: tuple[float, float],
+        *,
+        prefetch: bool = False,
     ) -> None:
         self.engine = engine
         self.head = head
@@ -218,6 +220,7 @@ class Lockstep:
         self._poison: torch.Tensor | None = None  # this micro-batch's loss is non-finite
         self._window_bad: torch.Tensor | None = None  # flag (all-reduced) of this window
         self._head_bwd_open = False  # the head's backward phase runs between the two hooks
+        self.prefetch = prefetch and not getattr(head.bank, "resident", True)
         # Read by check(): the first bad step (0: none) and its loss; factor and head mismatches.
         device = engine.device
         self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
@@ -263,6 +266,9 @@ class Lockstep:
         images = images.to(device, self.input_dtype, non_blocking=True)
         labels = labels.to(device, torch.long, non_blocking=True)
 
+        if self.prefetch:  # the head's rows travel while the backbone computes
+            with phases.span("head_fwd"):
+                self.head.prefetch(labels)
         with phases.span("backbone_fwd"):
             embeddings = engine(images)
         if embeddings.requires_grad:

@@ -207,6 +207,7 @@ class Trainer:
             self.head_optimizer,
             self.schedule,
             (cfg.optim.lr, cfg.head_optimizer()[1]["lr"]),
+            prefetch=cfg.head.bank_prefetch,
         )
         self.step, self.epoch = 0, 0
         torch.manual_seed(seeds.backbone(cfg.train.seed, self.rank))  # dropout differs per rank
@@ -254,6 +255,8 @@ class Trainer:
             gemm_dtype=None if gemm == "fp32" else _TORCH_DTYPES[gemm],
             even_batches=True,  # the loaders give every rank the same batch size
             chunk=h.chunk,
+            bank=h.bank,
+            bank_path=h.bank_path,
         )
         name, kwargs = cfg.head_optimizer()
         optimizer = pfc_ds.SparseAdamW if name == "adamw" else pfc_ds.SparseSGD

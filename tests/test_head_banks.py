@@ -1,0 +1,108 @@
+"""Host and disk banks: bit-identical to the device bank (gathers, rounding, both optimizers,
+prefetch), in the trainer at W=2 across a resume, with bounded resident memory on disk."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import pfc_ds
+from pfc_ds.head.host_bank import DiskBank
+from tests.dist import run_distributed
+from tests.test_train_common import cfg_dict, ds_config, full_head, make_trainer
+
+
+def _head_run(bank: str, dtype: torch.dtype, opt: str, prefetch: bool, path, accum: int = 1):
+    torch.manual_seed(0)
+    head = pfc_ds.PartialFC(
+        pfc_ds.CombinedMarginLoss(32.0, 1.0, 0.0, 0.3), 16, 500, sample_rate=0.2, dtype=dtype,
+        even_batches=True, bank=bank, bank_path=str(path),
+    )  # fmt: skip
+    sgd = opt == "sgd"
+    o = pfc_ds.SparseSGD(head, 0.5, 0.9, 5e-4) if sgd else pfc_ds.SparseAdamW(head, 0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        for _ in range(accum):
+            emb = torch.randn(12, 16, generator=g, requires_grad=True)
+            labels = torch.randint(0, 500, (12,), generator=g)
+            if prefetch:
+                head.prefetch(labels)
+            head(emb, labels).backward()
+        o.step()
+        o.zero_grad()
+    return {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("bank", ["host", "disk"])
+@pytest.mark.parametrize("prefetch,accum", [(False, 1), (True, 1), (True, 2)])
+def test_offloaded_banks_equal_the_device_bank(tmp_path, dtype, opt, bank, prefetch, accum):
+    ref = _head_run("device", dtype, opt, False, tmp_path / "ref", accum)
+    got = _head_run(bank, dtype, opt, prefetch, tmp_path / "bank", accum)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_disk_bank_files_and_released_pages(tmp_path):
+    bank = DiskBank(
+        tmp_path, seed=3, class_start=100, num_local=40_000, embedding_size=64,
+        dtype=torch.float32, device="cpu", rank=1, world_size=2,
+    )  # fmt: skip
+    assert (tmp_path / "bank_00001_of_00002.weight.bin").stat().st_size == 40_000 * 64 * 4
+    eager = pfc_ds.head.bank.init_centres(3, 100, 40_000, 64, torch.float32)
+    rows = torch.arange(0, 40_000, 3)
+    assert torch.equal(bank.gather(rows), eager[rows])
+    bank.ensure_state("momentum")
+    bank.apply_update(rows, eager[rows] * 2, torch.ones(len(rows), 64))
+    bank.flush()
+    assert torch.equal(bank.gather(rows), eager[rows] * 2)
+    assert torch.equal(
+        bank.gather_state("momentum", torch.tensor([0, 1, 3])),
+        torch.tensor([[1.0], [0.0], [1.0]]).expand(3, 64),
+    )
+    # After each lane job the mapped pages are released: this process holds none of the
+    # bank's files resident (the page cache still has them).
+    assert _mapped_rss_kb(tmp_path) < 64
+
+
+def _mapped_rss_kb(folder) -> int:
+    """Resident KB of this process's mappings of files in ``folder`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header line
+                inside = line.rstrip().endswith(".bin") and str(folder) in line
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _train_bank(rank: int, world: int, out: str, bank: str, dtype: str, stop: int | None):
+    cfg = cfg_dict(
+        head={"sample_rate": 0.5, "dtype": dtype, "bank": bank, "bank_path": f"{out}/bank"},
+        data={"num_classes": 40},
+        train={"max_steps": 20, "save_every": 10, "batch_size": 4},
+    )
+    trainer = make_trainer(cfg, ds_config(0), out, resume=stop is None)
+    trainer.fit(stop_at=stop)
+    return full_head(trainer), trainer.backbone_state()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_trainer_banks_bit_identical_across_resume(tmp_path, dtype):
+    results = {}
+    for bank in ("device", "host", "disk"):
+        out = str(tmp_path / bank)
+        run_distributed(_train_bank, 2, out, bank, dtype, 10)  # stop after step 10 (saved)
+        results[bank] = run_distributed(_train_bank, 2, out, bank, dtype, None)[0]  # resume
+    (head_ref, bb_ref) = results["device"]
+    for bank in ("host", "disk"):
+        head, bb = results[bank]
+        for k in head_ref:
+            assert torch.equal(head_ref[k], head[k]), (bank, k)
+        for k in bb_ref:
+            assert torch.equal(bb_ref[k], bb[k]), (bank, k)
