@@ -9,15 +9,17 @@ lane's copies go through a side stream; on a CPU the same code runs, the lane be
 stream.
 
 ``DiskBank`` keeps each tensor in its own file, mapped into memory, for banks larger than host
-RAM: the page cache is the cache, and after every lane job the mapping's resident pages are
-released (``MADV_DONTNEED``; dirty data stays in the page cache and goes to disk), so the
-process's RSS holds the rows of one job, not the bank.
+RAM: the page cache is the cache. Gathers and writes go through the file in sorted order, one
+64 MB window at a time, releasing each window's pages from the process (``MADV_DONTNEED``;
+dirty data stays in the page cache and goes to disk), so the process's RSS holds a window, not
+the bank.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,6 +64,8 @@ class HostBank(CenterBank):
         self._last: Future | None = None
         self._stream = torch.cuda.Stream(self.compute) if self.pinned else None
         self._device_ws = Workspace(self.compute)  # rounding happens on the compute device
+        # Seconds the lane spent and bytes it moved, by kind: what pfc_ds.scale reports.
+        self.lane = {"gather_s": 0.0, "gather_bytes": 0, "write_s": 0.0, "write_bytes": 0}
 
     @property
     def device(self) -> torch.device:
@@ -87,30 +91,37 @@ class HostBank(CenterBank):
         self._last = self._lane.submit(job)
         return self._last
 
-    def _after_job(self) -> None:
-        """Hook run on the lane after each job (``DiskBank`` releases mapped pages)."""
-
     def flush(self) -> None:
         if self._last is not None:
             self._last.result()
 
     def _gather_job(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor):
         def job():
+            t0 = time.perf_counter()
             try:
                 if not self.pinned:
-                    CenterBank._gather(self, src, rows, out)
+                    self._read(src, rows, out)
                     return None
                 host = torch.empty((len(rows), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
-                torch.index_select(src, 0, rows, out=host)
+                self._read(src, rows, host)
                 with torch.cuda.stream(self._stream):
                     out.copy_(host, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._stream)
                 return event
             finally:
-                self._after_job()
+                self.lane["gather_s"] += time.perf_counter() - t0
+                self.lane["gather_bytes"] += len(rows) * src[0].numel() * src.element_size()
 
         return job
+
+    def _read(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """On the lane: ``out = src[rows]`` (``out`` on the host; any dtype)."""
+        CenterBank._gather(self, src, rows, out)
+
+    def _copy_in(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """On the lane: ``target[rows] = values``."""
+        target.index_copy_(0, rows, values)
 
     def gather_async(self, rows: torch.Tensor, out: torch.Tensor) -> Pending:
         """Start copying the weight ``rows`` (host index) into ``out`` (compute device)."""
@@ -146,12 +157,14 @@ class HostBank(CenterBank):
             host = values.clone()
 
         def job():
+            t0 = time.perf_counter()
             try:
                 if event is not None:
                     event.synchronize()
-                target.index_copy_(0, rows, host)
+                self._copy_in(target, rows, host)
             finally:
-                self._after_job()
+                self.lane["write_s"] += time.perf_counter() - t0
+                self.lane["write_bytes"] += host.numel() * host.element_size()
 
         self._submit(job)
 
@@ -179,8 +192,10 @@ def _mapped(
     return torch.frombuffer(mm, dtype=dtype).view(shape), mm
 
 
-# Rows initialised per chunk before the chunk's mapped pages are released.
-_INIT_CHUNK_ROWS = 1 << 19
+# Rows initialised per chunk before the chunk's mapped pages are released, and the file window
+# a gather or write touches before it releases that window's pages.
+_INIT_CHUNK_ROWS = 1 << 18
+_WINDOW_BYTES = 64 * 2**20
 
 
 class DiskBank(HostBank):
@@ -231,12 +246,51 @@ class DiskBank(HostBank):
     def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._file(name, shape, dtype)
 
-    def _release(self) -> None:
-        for mm in self._maps.values():
-            mm.madvise(mmap.MADV_DONTNEED)
+    def _release(self, src: torch.Tensor | None = None, r0: int = 0, r1: int = 0) -> None:
+        """Drop this process's mapped pages: all, or rows ``r0:r1`` of ``src``'s file."""
+        if src is None:
+            for mm in self._maps.values():
+                mm.madvise(mmap.MADV_DONTNEED)
+            return
+        mm = self._map_of(src)
+        row = src[0].numel() * src.element_size()
+        page = mmap.PAGESIZE
+        start = (r0 * row) // page * page
+        mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), r1 * row) - start)
 
-    def _after_job(self) -> None:
-        self._release()
+    def _map_of(self, t: torch.Tensor) -> mmap.mmap:
+        for name, mm in self._maps.items():
+            if (self.weight if name == "weight" else self.states.get(name)) is t:
+                return mm
+        raise KeyError("tensor is not one of this bank's files")
+
+    def _windows(self, src: torch.Tensor, rows: torch.Tensor):
+        """Sorted rows cut by windows of the file: ``(sorted rows, their positions, [(i0, i1,
+        r0, r1)])``, so each window's pages are released before the next is touched."""
+        ranked, perm = rows.sort(stable=True)  # repeated rows: the last write wins, as on a device
+        per = max(1, _WINDOW_BYTES // (src[0].numel() * src.element_size()))
+        edges = torch.arange(0, src.shape[0] + per, per)
+        cuts = torch.searchsorted(ranked, edges).tolist()
+        spans = [
+            (cuts[k], cuts[k + 1], int(edges[k]), int(min(edges[k + 1], src.shape[0])))
+            for k in range(len(cuts) - 1)
+            if cuts[k + 1] > cuts[k]
+        ]
+        return ranked, perm, spans
+
+    def _read(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        ranked, perm, spans = self._windows(src, rows)
+        for i0, i1, r0, r1 in spans:
+            part = torch.empty((i1 - i0, *out.shape[1:]), dtype=out.dtype)
+            CenterBank._gather(self, src, ranked[i0:i1], part)
+            out.index_copy_(0, perm[i0:i1], part)
+            self._release(src, r0, r1)
+
+    def _copy_in(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        ranked, perm, spans = self._windows(target, rows)
+        for i0, i1, r0, r1 in spans:
+            target.index_copy_(0, ranked[i0:i1], values.index_select(0, perm[i0:i1]))
+            self._release(target, r0, r1)
 
     def flush(self) -> None:
         """Finish queued writes and push the mapped files' dirty pages to disk."""

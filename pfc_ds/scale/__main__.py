@@ -21,12 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from pfc_ds.scale.model import (
-    BackboneSpec,
-    HeadSpec,
-    max_ids,
-    predict,
-)
+from pfc_ds.scale.model import BackboneSpec, HeadSpec, max_ids, placement, predict
 
 
 def _counts(text: str) -> list[int]:
@@ -57,7 +52,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--chunk", type=int, default=None, help="softmax columns per block")
-    p.add_argument("--bank", choices=("device",), default="device", help="where centres live")
+    p.add_argument(
+        "--bank", choices=("device", "host", "disk"), default="device", help="where centres live"
+    )
+    p.add_argument("--bank-path", default=None, help="disk bank: a folder for its files")
+    p.add_argument("--ranks-per-node", type=int, default=8, help="--model: for host RAM and disk")
+    p.add_argument("--host-mem-gb", type=float, default=2048.0, help="--model: host RAM per node")
+    p.add_argument("--disk-gb", type=float, default=4 * 7680.0, help="--model: disk per node")
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="--model: GB/s per node the offloaded rows move at (default: host 25 per GPU "
+        "(PCIe), disk 10 per node (4 NVMe))",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -118,6 +126,7 @@ def head_spec(args, ids: int, rate: float, world: int) -> HeadSpec:
         gemm_dtype=args.gemm_dtype,
         optimizer=args.optimizer,
         chunk=args.chunk,
+        bank=args.bank,
     )
 
 
@@ -147,18 +156,39 @@ def model_report(args) -> str:
                     f"{k} {v / 1024:.2f}" for k, v in parts.items() if k != "total" and v
                 )
                 lines.append(
-                    f"ids={ids:,} r={rate} W={world} D={args.embedding_size} {args.dtype}: "
-                    f"{parts['total'] / 1024:.2f} GiB per rank ({split})"
+                    f"ids={ids:,} r={rate} W={world} D={args.embedding_size} {args.dtype} "
+                    f"({args.bank} bank): {parts['total'] / 1024:.2f} GiB per rank ({split})"
                 )
+                if args.bank != "device":
+                    lines.append("  " + offload_line(args, placement(h), world))
+            per_node = min(world, args.ranks_per_node)
             top = max_ids(
                 head_spec(args, 1, rate, world), budget, backbone, device=args.device,
-                runtime_mb=runtime,
+                runtime_mb=runtime, host_mb_per_rank=args.host_mem_gb * 1024 / per_node,
+                disk_mb_per_rank=args.disk_gb * 1024 / per_node,
             )  # fmt: skip
-            where = f"{args.device_mem_gb:g} GiB per rank"
+            where = f"{args.device_mem_gb:g} GiB per rank ({args.bank} bank"
+            if args.bank == "host":
+                where += f", {args.host_mem_gb:g} GiB host RAM per node"
+            elif args.bank == "disk":
+                where += f", {args.disk_gb:g} GiB disk per node"
+            where += ")"
             if args.device != "cpu":
                 where += f" less {args.reserve_gb:g} GiB reserve"
             lines.append(f"largest id count that fits {where} at r={rate}, W={world}: {top:,}")
     return "\n".join(lines)
+
+
+def offload_line(args, where: dict[str, float], world: int) -> str:
+    """Host RAM or disk per node, and the step's transfer against the link's bandwidth."""
+    per_node = min(world, args.ranks_per_node)
+    gbps = args.link_gbps or (25.0 * per_node if args.bank == "host" else 10.0)
+    moved_node = where["moved_mb"] * per_node / 1024
+    held = where["host_mb"] or where["disk_mb"]
+    return (
+        f"{args.bank}: {held * per_node / 1024:.0f} GiB per node, {moved_node:.2f} GiB moved per "
+        f"step per node = {moved_node / gbps * 1e3:.0f} ms at {gbps:g} GB/s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ class HeadSpec:
     gemm_dtype: str | None = None  # None: fp32 GEMMs on fp32 rows
     optimizer: str = "sgd"  # sgd | adamw
     chunk: int | None = None
+    bank: str = "device"  # device | host | disk: where bank and row states live
     rank: int = 0  # the largest shard is rank 0's
 
     @property
@@ -186,6 +187,8 @@ def predict(
     peak allocated memory excludes the CUDA context).
     """
     parts = {f"head_{k}": v / MB for k, v in head_bytes(head).items()}
+    if head.bank != "device":  # bank and row states live elsewhere (see ``placement``)
+        parts["head_bank"] = parts["head_optimizer_state"] = 0.0
     if backbone is not None:
         parts.update({f"backbone_{k}": v / MB for k, v in backbone_bytes(backbone).items()})
     if runtime_mb is None:
@@ -195,6 +198,33 @@ def predict(
     return parts
 
 
+def placement(head: HeadSpec) -> dict[str, float]:
+    """Where an offloaded bank's bytes are, per rank (MB), and what a step moves.
+
+    ``host_mb``: RAM holding bank and row states (host bank; a disk bank needs none: the page
+    cache is optional); ``disk_mb``: the disk bank's files; ``moved_mb``: per step, the sampled
+    rows and their states gathered to the device and written back.
+    """
+    b = head_bytes(head)
+    held = (b["bank"] + b["optimizer_state"]) / MB
+    rows = head.sampled * head.embedding_size
+    store = DTYPE_BYTES[head.dtype]
+    mom = DTYPE_BYTES[head.momentum_dtype or head.dtype]
+    states = 1 if head.optimizer == "sgd" else 2
+    moved = rows * (2 * store + 2 * states * mom) / MB  # rows in and out, states in and out
+    from pfc_ds.head import host_bank
+
+    # A disk bank's resident pages: one init chunk (drawn and mapped) or one file window.
+    chunk = min(head.num_local, host_bank._INIT_CHUNK_ROWS) * head.embedding_size * store
+    resident = max(2 * chunk, 2 * host_bank._WINDOW_BYTES) / MB
+    return {
+        "host_mb": held if head.bank == "host" else 0.0,
+        "disk_mb": held if head.bank == "disk" else 0.0,
+        "resident_mb": resident if head.bank == "disk" else 0.0,
+        "moved_mb": moved if head.bank != "device" else 0.0,
+    }
+
+
 def max_ids(
     head: HeadSpec,
     budget_mb: float,
@@ -202,12 +232,18 @@ def max_ids(
     *,
     device: str = "cpu",
     runtime_mb: float | None = None,
+    host_mb_per_rank: float = float("inf"),
+    disk_mb_per_rank: float = float("inf"),
 ) -> int:
-    """The largest id count whose predicted peak per rank fits ``budget_mb`` (0 if none)."""
+    """The largest id count whose predicted peak per rank fits ``budget_mb`` (0 if none), and
+    whose offloaded bank fits the host RAM or disk share of a rank."""
 
     def fits(ids: int) -> bool:
         h = HeadSpec(**{**asdict(head), "ids": ids})
-        return predict(h, backbone, device=device, runtime_mb=runtime_mb)["total"] <= budget_mb
+        if predict(h, backbone, device=device, runtime_mb=runtime_mb)["total"] > budget_mb:
+            return False
+        where = placement(h)
+        return where["host_mb"] <= host_mb_per_rank and where["disk_mb"] <= disk_mb_per_rank
 
     lo, hi = 0, head.world_size
     if not fits(hi):
@@ -227,5 +263,6 @@ __all__ = [
     "backbone_bytes",
     "head_bytes",
     "max_ids",
+    "placement",
     "predict",
 ]

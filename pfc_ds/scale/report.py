@@ -34,19 +34,39 @@ def fit_per_row(records: list[dict[str, Any]]) -> dict[str, float] | None:
 
 def markdown(records: list[dict[str, Any]], fits: dict[int, dict] | None = None) -> str:
     lines = [
-        "| ids | r | W | D | dtype | sampled rows/rank | step ms (median, IQR) | build s "
+        "| ids | r | W | D | dtype | bank | sampled rows/rank | step ms (median, IQR) | build s "
         "| peak MB/rank | bank | opt state | workspace | rest | model MB | model/measured |",
-        "|---" * 15 + "|",
+        "|---" * 16 + "|",
     ]
     for r in records:
         lines.append(
             f"| {r['ids']:,} | {r['sample_rate']} | {r['world_size']} | {r['embedding_size']} "
-            f"| {r['dtype']} | {r['sampled_rows']:,} | {r['step_ms']:.0f} "
+            f"| {r['dtype']} | {r.get('bank', 'device')} | {r['sampled_rows']:,} | {r['step_ms']:.0f} "
             f"({r['step_ms_q1']:.0f}–{r['step_ms_q3']:.0f}) | {r['build_s']:.1f} "
             f"| {r['peak_mem_mb']:.0f} | {r['bank_mb']:.0f} | {r['optimizer_state_mb']:.0f} "
             f"| {r['workspace_mb']:.0f} | {r['rest_mb']:.0f} | {r['predicted_mem_mb']:.0f} "
             f"| {r['predicted_mem_mb'] / r['peak_mem_mb']:.3f} |"
         )
+    lanes = [r for r in records if r.get("lane_per_step")]
+    if lanes:
+        lines += [
+            "",
+            "Offloaded banks, per step of the busiest rank (the lane thread's time and bytes):",
+            "",
+            "| ids | bank | gather ms | gathered MB | gather GB/s | write ms | written MB | "
+            "write GB/s | bank files or host MB/rank |",
+            "|---" * 9 + "|",
+        ]
+        for r in lanes:
+            ln, where = r["lane_per_step"], r.get("placement") or {}
+            gb = lambda b, t: b / max(t, 1e-9) / 1e9  # noqa: E731
+            lines.append(
+                f"| {r['ids']:,} | {r['bank']} | {ln['gather_s'] * 1e3:.0f} | "
+                f"{ln['gather_bytes'] / 2**20:.0f} | {gb(ln['gather_bytes'], ln['gather_s']):.2f} | "
+                f"{ln['write_s'] * 1e3:.0f} | {ln['write_bytes'] / 2**20:.0f} | "
+                f"{gb(ln['write_bytes'], ln['write_s']):.2f} | "
+                f"{(where.get('host_mb') or where.get('disk_mb') or 0):.0f} |"
+            )
     for w, f in (fits or {}).items():
         if f is None:
             continue

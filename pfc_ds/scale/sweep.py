@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pfc_ds.scale.model import MB, BackboneSpec, HeadSpec, predict
+from pfc_ds.scale.model import MB, BackboneSpec, HeadSpec, placement, predict
 
 _DTYPES = ("fp32", "fp16", "bf16")
 
@@ -69,6 +69,8 @@ def measure_head(point: dict[str, Any]) -> dict[str, Any]:
         seed=0,
         even_batches=True,
         chunk=point["chunk"],
+        bank=point.get("bank", "device"),
+        bank_path=point.get("bank_path"),
     )
     if point["optimizer"] == "sgd":
         opt = pfc_ds.SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -81,13 +83,17 @@ def measure_head(point: dict[str, Any]) -> dict[str, Any]:
     b, d = point["batch_size"], point["embedding_size"]
     emb = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
     times = []
+    lane = getattr(head.bank, "lane", None)
     for i in range(point["warmup"] + point["steps"]):
         labels = torch.randint(0, point["ids"], (b,), generator=gen).to(device)
         dist.barrier()
+        if i == point["warmup"] and lane is not None:
+            lane.update(dict.fromkeys(lane, 0))
         t = time.perf_counter()
         head(emb, labels).backward()
         opt.step()
         opt.zero_grad()
+        head.bank.flush()  # an offloaded bank's write-back is part of the step
         emb.grad = None
         _sync(device)
         if i >= point["warmup"]:
@@ -100,6 +106,7 @@ def measure_head(point: dict[str, Any]) -> dict[str, Any]:
         "peak_mb": _peak_mb(device),
         "runtime_mb": runtime,
         **{f"{k}_mb": v for k, v in mem.items()},
+        "lane": None if lane is None else {k: v / point["steps"] for k, v in lane.items()},
     }
 
 
@@ -110,6 +117,10 @@ def merge(point: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
     head = HeadSpec(**{k: point[k] for k in HeadSpec.__dataclass_fields__ if k in point})
     runtime = busiest["runtime_mb"] if point["device"] == "cpu" else 0.0
     predicted = predict(head, device=point["device"], runtime_mb=runtime)
+    if point["device"] == "cpu" and head.bank != "device":  # host RAM is this process's memory
+        where = placement(head)
+        predicted["host_bank"] = where["host_mb"] + where["resident_mb"]
+        predicted["total"] += predicted["host_bank"]
     q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
     return {
         **{k: point[k] for k in _RECORD_KEYS},
@@ -123,14 +134,16 @@ def merge(point: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "bank_mb": busiest["bank_mb"],
         "optimizer_state_mb": busiest["optimizer_state_mb"],
         "workspace_mb": busiest["workspace_mb"],
+        # What RSS holds beyond the head's buffers (a disk bank's rows are not in RSS).
         "rest_mb": busiest["peak_mb"]
-        - busiest["bank_mb"]
-        - busiest["optimizer_state_mb"]
+        - (0 if head.bank == "disk" else busiest["bank_mb"] + busiest["optimizer_state_mb"])
         - busiest["workspace_mb"],
         "runtime_mb": busiest["runtime_mb"],
         "predicted_mem_mb": predicted["total"],
         "predicted": predicted,
         "per_rank_peak_mb": [r["peak_mb"] for r in ranks],
+        "lane_per_step": busiest["lane"],  # offloaded banks: seconds and bytes per step
+        "placement": placement(head) if point.get("bank", "device") != "device" else None,
     }
 
 
@@ -277,6 +290,7 @@ def head_point(args, ids: int, rate: float, world: int) -> dict[str, Any]:
         "warmup": args.warmup,
         "device": args.device,
         "bank": args.bank,
+        "bank_path": None if args.bank_path is None else f"{args.bank_path}/ids{ids}_w{world}",
     }
 
 
