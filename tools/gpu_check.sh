@@ -9,7 +9,9 @@
 # 3. the trainer: iresnet50, fp16, ZeRO-2, 1M ids (`python -m pfc_ds.train.bench --gpu`);
 # 4. the data loader, DALI `mixed` row included (`python -m data_pipelines.bench`);
 # 5. `pfc_ds.scale` at 1M and 10M ids (D=512, fp16, r = 0.1) on the one GPU, with the model;
-# 6. `pfc_ds.profile` of iresnet50 / fp16 / ZeRO-2 (CUDA-event split and max-allocated memory).
+# 6. `pfc_ds.profile` of iresnet50 / fp16 / ZeRO-2 (CUDA-event split and max-allocated memory);
+# 7. the host bank at 50M ids (D=256, fp16, its gather prefetched during the backbone forward)
+#    and, at 20M ids, host against device bank, img/s side by side.
 # Steps 2-4 rewrite their sections of BENCHMARKS.md, naming the card and the date. A step that
 # fails is reported and the others still run; the exit status is the number of failed steps.
 set -uo pipefail
@@ -47,6 +49,13 @@ step scale_gpu "$PY" -m pfc_ds.scale --ids 1e6,1e7 --sample-rates 0.1 --world-si
 step profile_gpu "$PY" -m pfc_ds.profile --config configs/synthetic_3m_pfc01_r50.yaml \
     --deepspeed_config ds_configs/zero2_fp16.json --steps 20 --ranks 1 --output "$OUT/profile_gpu" \
     --set data.num_classes=1000000 --set train.batch_size=128
+for spec in "host 50000000" "host 20000000" "device 20000000"; do
+    set -- $spec
+    step "bank_${1}_${2}" "$PY" -m pfc_ds.profile --config configs/synthetic_3m_pfc01_r50.yaml \
+        --deepspeed_config ds_configs/zero2_fp16.json --steps 10 --ranks 1 \
+        --output "$OUT/bank_${1}_${2}" --set data.num_classes="$2" --set model.embedding_size=256 \
+        --set head.dtype=fp16 --set head.bank="$1" --set train.batch_size=128
+done
 cp BENCHMARKS.md "$OUT/" 2>/dev/null
 echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
 exit "$failed"
