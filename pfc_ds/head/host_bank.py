@@ -297,3 +297,42 @@ class DiskBank(HostBank):
         super().flush()
         for mm in self._maps.values():
             mm.flush()
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name`` (``weight`` or a row state)."""
+        return self.path / f"{self.prefix}.{name}.bin"
+
+    def copy_rows_in(
+        self, name: str, src: str | os.PathLike, src_row: int, dst_row: int, rows: int
+    ) -> None:
+        """Rows ``src_row:src_row + rows`` of a raw row-major file into ``dst_row`` on: a
+        kernel-side byte-range copy (a reflink where the file system shares extents), so
+        loading or resharding never brings the rows through this process."""
+        self.flush()
+        target = self.weight if name == "weight" else self.ensure_state(name)
+        row = (target[0].numel() if target.dim() > 1 else 1) * target.element_size()
+        _copy_range(Path(src), self.file_of(name), src_row * row, dst_row * row, rows * row)
+        self._release(target, dst_row, dst_row + rows)
+
+    def copy_out(self, name: str, dst: str | os.PathLike) -> None:
+        """The whole tensor ``name`` as a raw row-major file (a checkpoint's row file)."""
+        self.flush()
+        src = self.file_of(name)
+        _copy_range(src, Path(dst), 0, 0, src.stat().st_size, truncate=True)
+
+
+def _copy_range(
+    src: Path, dst: Path, src_off: int, dst_off: int, count: int, *, truncate: bool = False
+) -> None:
+    """``count`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off`` in the kernel."""
+    with open(src, "rb") as fi, open(dst, "r+b" if dst.exists() and not truncate else "w+b") as fo:
+        if truncate:
+            fo.truncate(count)
+        done = 0
+        while done < count:
+            n = os.copy_file_range(
+                fi.fileno(), fo.fileno(), count - done, src_off + done, dst_off + done
+            )
+            if n == 0:
+                raise OSError(f"{src}: {count - done} bytes short at offset {src_off + done}")
+            done += n
