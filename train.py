@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/cpu.json
     ./train.sh configs/demo_cpu.yaml        # picks the launcher, ranks and threads for you
 
-Everything else lives in pfc_ds.train; this file only parses arguments.
+Exit status: 0 done, 2 a bad config, data or checkpoint (one line), 3 training diverged, 75 a
+peer rank died or hung (resume from the last checkpoint), 143 stopped by SIGTERM/SIGINT after a
+checkpoint. Everything else lives in pfc_ds.train; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pfc_ds.train import USER_ERRORS, Trainer
     from pfc_ds.train.cli import config_from_args
+    from pfc_ds.train.divergence import DivergenceError
+    from pfc_ds.train.peers import EXIT_CODE, PeerFailure
 
     try:
         cfg = config_from_args(args)
@@ -53,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except DivergenceError as exc:  # decided on every rank alike
+        if rank == 0:
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except PeerFailure as exc:
+        # A peer is dead or hung: one line from the lowest survivor, then out at once (a normal
+        # interpreter exit may abort in gloo's destructors after a timed-out collective).
+        if exc.report:
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_CODE)
     return 143 if trainer.stopped_by_signal else 0
 
 

@@ -14,11 +14,13 @@
 # oversubscribed ranks run 3-5x slower), PYTHON (defaults to .venv/bin/python when present).
 #
 # To stop a run, send SIGTERM (or SIGINT, Ctrl-C) to this script's PID: every rank saves a
-# checkpoint at the same step and the script exits 143; `--resume` continues from there.
+# checkpoint at the same step and the script exits 143; `--resume` continues from there. A second
+# signal during that checkpoint exits at once and keeps the previous one. For automatic restarts
+# after a dead rank, use torchrun --max-restarts N with --set train.auto_resume=true (README).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 cd "$(dirname "$0")"

@@ -42,7 +42,8 @@ def _env() -> dict[str, str]:
 def _records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if "loss" in r]  # training steps (not eval or rollback records)
 
 
 @pytest.mark.slow

@@ -5,24 +5,33 @@ Layout of ``OUTPUT/checkpoints``::
     latest                          tag of the newest *complete* checkpoint (written last)
     step00001234/                   one tag folder per checkpoint
         mp_rank_00_model_states.pt  ... DeepSpeed's files (engine.save_checkpoint)
-        head_shard_00000_of_00002.pt    weight, momentum, sampler RNG, sharding meta
-        trainer_state_00000.pt          step, epoch, data position, RNG, per rank
-        meta.json                       world size, ZeRO stage, precision, sizes (written last)
+        head_shard_00000_of_00002.pt    sampler RNG, sharding meta; rows in ``.pt.weight.bin`` ...
+        trainer_state_00000.pt          step, epoch, data position, RNG, LR factor, per rank
+        meta.json                       world size, ZeRO stage, precision, and every file of the
+                                        tag with its size and checksum (written last)
+    step00001234.damaged/           a tag that failed verification on load (kept for a look)
     universal/step00001234/         DeepSpeed universal checkpoint, made when resuming at a
                                     different world size under ZeRO 1-3
 
-A save is atomic as a whole: every file of ours is written to a temporary name and renamed,
-``meta.json`` is written after a barrier once every rank is done, and ``latest`` moves only then.
-A run killed mid-save resumes from the previous checkpoint.
+A save is atomic as a whole and durable: it first checks the free space against the last
+checkpoint's size on every rank; each rank writes its files (ours under temporary names,
+renamed), fsyncs them and their folder and checksums them; rank 0 gathers the lists, writes
+``meta.json`` (the commit point) and then ``latest``, each fsynced. A tag without ``meta.json``
+(a save cut short by a kill, a crash or a full disk) is never read and is removed by the next
+save. A load verifies the tag's files against ``meta.json`` (each rank a share) and falls back
+to the previous complete tag when one is missing, truncated or corrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ import torch.distributed as dist
 
 from pfc_ds.head import collectives
 from pfc_ds.head.reshard import reshard_shard
+from pfc_ds.train import integrity
 from pfc_ds.train.shard_files import (
     atomic_save,
     find_shards,
@@ -44,22 +54,31 @@ log = logging.getLogger("pfc_ds.train")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
-FORMAT = 1
+DAMAGED = ".damaged"
+FORMAT = 2  # 2: meta.json lists every file with its size and checksum
+TAG_RE = re.compile(r"step(\d{8,})")
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (the previous ones are intact) or none can be read."""
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def gather_objects(obj: Any, group=None) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a host-side collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,6 +94,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's and numpy's global RNGs (both are part of ``rng_state``)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -86,7 +116,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
+def size_text(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
 # ---- save -------------------------------------------------------------------------------------
+
+
+class FileHooks:
+    """Called around every checkpoint file: fault injection, the watchdog's heartbeat."""
+
+    def __init__(
+        self,
+        before: Callable[[Path], None] | None = None,
+        after: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.before = before or (lambda path: None)
+        self.after = after or (lambda path: None)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def space_short(root: Path, need: int, group=None) -> tuple[int, int] | None:
+    """``(rank, free bytes)`` of the first rank with less than ``need`` bytes free on the file
+    system of ``root``, or ``None``; collective, so every rank gets the same answer."""
+    rank = collectives.world(None)[1]
+    free = free_bytes(root)
+    short = [(r, f) for r, f in gather_objects((rank, free), group) if f < need]
+    return short[0] if short else None
+
+
+@contextlib.contextmanager
+def _recording(engine, written: list[Path], hooks: FileHooks) -> Iterator[None]:
+    """Route DeepSpeed's file writes through ``hooks``, fsync them, and note their paths."""
+    engine_ = engine.checkpoint_engine
+    original = engine_.save
+
+    def save(state_dict, path):
+        path = Path(path)
+        hooks.before(path)
+        original(state_dict, str(path))
+        integrity.fsync_file(path)
+        written.append(path)
+        hooks.after(path)
+
+    engine_.save = save
+    try:
+        yield
+    finally:
+        del engine_.save  # the class's method again
 
 
 def save(
@@ -98,14 +185,34 @@ def save(
     meta: dict[str, Any],
     *,
     keep_last: int = 0,
+    need_bytes: int = 0,
+    protect: tuple[str, ...] = (),
+    group=None,
+    hooks: FileHooks | None = None,
 ) -> Path:
-    """Save everything of ``step`` on every rank (collective); returns the tag folder."""
+    """Save everything of ``step`` on every rank (collective); returns the tag folder.
+
+    ``need_bytes``: free space every rank must see first (the last checkpoint's size).
+    ``protect``: tags pruning must keep besides the newest ``keep_last`` (the one resumed from).
+    Raises ``CheckpointError`` on every rank, with the tag removed, when a rank is short of space
+    or a write fails; the previous checkpoints are untouched.
+    """
     world, rank = collectives.world(None)
+    hooks = hooks or FileHooks()
     root = Path(output) / CHECKPOINTS
     tag = tag_for(step)
     folder = root / tag
     if (folder / META).is_file():
         return folder  # this step is already saved and complete
+    if rank == 0 and folder.exists():
+        shutil.rmtree(folder)  # an interrupted save of this step; its files are not ours now
+    short = space_short(root, need_bytes, group)  # also a barrier: the folder is clean now
+    if short is not None:
+        raise CheckpointError(
+            f"checkpoint of step {step} not written: {size_text(short[1])} free on {root} "
+            f"(rank {short[0]}), the last checkpoint took {size_text(need_bytes)}; free disk "
+            "space or lower train.keep_last"
+        )
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -117,43 +224,135 @@ def save(
             UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
         }
     }
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    save_shard(head.state_dict(), folder / shard_name(rank, world))  # rows streamed, no copy
-    atomic_save({**trainer_state, "rng": rng_state()}, folder / f"trainer_state_{rank:05d}.pt")
-    _barrier()
+    written: list[Path] = []
+    records: dict[str, dict[str, Any]] = {}
+    error = None
+    try:
+        with _recording(engine, written, hooks):
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        shard = folder / shard_name(rank, world)
+        hooks.before(shard)
+        for path in save_shard(head.state_dict(), shard):  # rows streamed, no copy
+            written.append(path)
+            hooks.after(path)
+        state_path = folder / f"trainer_state_{rank:05d}.pt"
+        hooks.before(state_path)
+        atomic_save({**trainer_state, "rng": rng_state()}, state_path)
+        written.append(state_path)
+        hooks.after(state_path)
+        integrity.fsync_dir(folder)
+        records = {p.name: {**integrity.record(p), "rank": rank} for p in written}
+    except OSError as exc:  # ENOSPC, EDQUOT, EIO: every rank learns it below and gives up
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    gathered = gather_objects((records, error), group)
+    errors = [e for _, e in gathered if e]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier(group)
+        raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}")
     if rank == 0:
-        full_meta = {**meta, "format": FORMAT, "step": step, "world_size": world, "tag": tag}
-        _atomic_write_text(folder / META, json.dumps(full_meta, indent=1) + "\n")
-        _atomic_write_text(root / LATEST, tag + "\n")
-        _prune(root, keep_last, keep=tag)
-    _barrier()
+        files = {name: rec for recs, _ in gathered for name, rec in recs.items()}
+        for path in sorted(folder.rglob("*")):  # DeepSpeed's extras (zero_to_fp32.py, ...)
+            name = path.relative_to(folder).as_posix()
+            if path.is_file() and name not in files and not name.endswith(".tmp"):
+                integrity.fsync_file(path)
+                files[name] = {**integrity.record(path), "rank": 0}
+        full_meta = {
+            **meta,
+            "format": FORMAT,
+            "step": step,
+            "world_size": world,
+            "tag": tag,
+            "bytes": sum(rec["size"] for rec in files.values()),
+            "files": files,
+        }
+        integrity.atomic_write_text(folder / META, json.dumps(full_meta, indent=1) + "\n")
+        integrity.atomic_write_text(root / LATEST, tag + "\n")
+        _prune(root, keep_last, keep={tag, *protect})
+    barrier(group)
     return folder
 
 
-def _prune(root: Path, keep_last: int, keep: str) -> None:
+def _tags(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every tag folder, complete or not, newest first."""
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if (m := TAG_RE.fullmatch(p.name))]
+    return sorted(out, reverse=True)
+
+
+def _prune(root: Path, keep_last: int, keep: set[str]) -> None:
+    """Keep the newest ``keep_last`` complete tags, ``keep``, and the tag ``latest`` names;
+    remove older complete tags and every incomplete one (a save cut short)."""
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in root.glob("step*") if (p / META).is_file())
-    for old in tags[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(root / old, ignore_errors=True)
-            shutil.rmtree(root / "universal" / old, ignore_errors=True)
+    latest = root / LATEST
+    if latest.is_file():
+        keep = keep | {latest.read_text().strip()}
+    complete = [p for _, p in _tags(root) if (p / META).is_file()]
+    keep |= {p.name for p in complete[:keep_last]}
+    for _, folder in _tags(root):
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(root / "universal" / folder.name, ignore_errors=True)
 
 
-# ---- find and load ----------------------------------------------------------------------------
+# ---- find, verify and load -------------------------------------------------------------------
+
+
+def candidates(output: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """``(tag folder, meta)`` of every complete checkpoint under ``output``, newest first.
+
+    Complete means a readable ``meta.json`` (written only once every rank's files were), not
+    necessarily intact: ``verify`` reads the files.
+    """
+    out = []
+    for _, folder in _tags(Path(output) / CHECKPOINTS):
+        path = folder / META
+        if not path.is_file():
+            continue
+        try:
+            out.append((folder, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s); skipping %s", path, exc, folder.name)
+    return out
+
+
+def incomplete(output: str | os.PathLike) -> list[Path]:
+    """Tag folders without ``meta.json``: saves that were cut short."""
+    return [p for _, p in _tags(Path(output) / CHECKPOINTS) if not (p / META).is_file()]
 
 
 def find_latest(output: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """``(tag folder, meta)`` of the newest complete checkpoint under ``output``, or None."""
-    root = Path(output) / CHECKPOINTS
-    latest = root / LATEST
-    if not latest.is_file():
-        return None
-    folder = root / latest.read_text().strip()
-    meta_path = folder / META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{latest} points to {folder}, which has no {META}")
-    return folder, json.loads(meta_path.read_text())
+    found = candidates(output)
+    return found[0] if found else None
+
+
+def verify(folder: Path, meta: dict[str, Any], group=None) -> list[str]:
+    """Problems of ``folder``'s files against ``meta`` (empty: intact). Collective: each rank
+    reads a share of the files and every rank gets the same list. Checkpoints written before
+    file lists (format 1) have nothing to check."""
+    files = meta.get("files")
+    if not files:
+        return []
+    world, rank = collectives.world(None)
+    names = sorted(files)
+    mine = [integrity.problem(folder, n, files[n]) for n in names[rank::world]]
+    return sorted(p for part in gather_objects([p for p in mine if p], group) for p in part)
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged tag out of the way (rank 0), so no resume or save reads it again."""
+    target = folder.with_name(folder.name + DAMAGED)
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}{DAMAGED}{n}")
+    os.replace(folder, target)
+    integrity.fsync_dir(folder.parent)
+    return target
 
 
 def load_head(head, folder: Path, meta: dict[str, Any], *, seed: int) -> None:

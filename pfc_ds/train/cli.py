@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in the output folder, if any",
+        help="continue from the newest intact checkpoint in the output folder, if any "
+        "(train.auto_resume: true does this without the flag, e.g. under torchrun --max-restarts)",
     )
     p.add_argument("--log-every", type=int, help="log every N optimizer steps (train.log_every)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -61,6 +62,13 @@ def check(argv: list[str]) -> str | None:
         ds = build_ds_config(args.deepspeed_config or cfg.train.deepspeed, cfg, world_size=None)
     except (ConfigError, OSError) as exc:
         return str(exc)
+    from pathlib import Path
+
+    from pfc_ds.train.preflight import unwritable
+
+    problem = unwritable(Path(cfg.train.output))
+    if problem is not None:
+        return problem
     if ds.get("fp16", {}).get("enabled"):
         import torch
 

@@ -20,6 +20,9 @@ import yaml
 DATA_SOURCES = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "fp16", "bf16")
+SAVE_FAILURES = ("error", "warn")
+ON_DIVERGENCE = ("stop", "rollback")
+MAX_CONSECUTIVE_SKIPS = 50
 GEMM_DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -98,7 +101,18 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end only
     keep_last: int = 2  # checkpoints to keep; 0 keeps all
     tensorboard: bool = False
-    max_skipped_steps: int = 50  # fp16: consecutive overflow skips before giving up
+    # fp16: this many optimizer steps skipped in a row (overflow) is divergence; default 50.
+    max_consecutive_skips: int | None = None
+    max_skipped_steps: int | None = None  # its former name, still read
+    # Seconds a collective waits for a dead or hung peer before every survivor exits naming the
+    # step and the rank (the process groups' timeout).
+    collective_timeout_s: float = 600.0
+    # Resume from the newest verified checkpoint in the output folder without --resume (a job
+    # restarted by torchrun --max-restarts, or resubmitted, continues by itself).
+    auto_resume: bool = False
+    save_failure: str = "error"  # a checkpoint that cannot be written: error (stop) or warn
+    on_divergence: str = "stop"  # stop, or rollback to the last good checkpoint at a lower LR
+    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
 
 
 @dataclass
@@ -204,7 +218,38 @@ class Config:
         for path in self.eval.sets:
             if not Path(str(path)).is_file():
                 raise ConfigError(f"eval.sets: {path} is not a file")
+        self._validate_train()
         self.head_optimizer()
+
+    def _validate_train(self) -> None:
+        t, o = self.train, self.optim
+        _choice("train.save_failure", t.save_failure, SAVE_FAILURES)
+        _choice("train.on_divergence", t.on_divergence, ON_DIVERGENCE)
+        old, new = t.max_skipped_steps, t.max_consecutive_skips
+        if old is not None and new is not None and old != new:
+            raise ConfigError(
+                f"train.max_skipped_steps={old} and train.max_consecutive_skips={new} disagree; "
+                "max_skipped_steps is the former name: keep max_consecutive_skips only"
+            )
+        t.max_consecutive_skips = next(
+            (v for v in (new, old) if v is not None), MAX_CONSECUTIVE_SKIPS
+        )
+        t.max_skipped_steps = None
+        for key, value, ok, want in (
+            ("train.max_consecutive_skips", t.max_consecutive_skips, lambda v: v >= 1, ">= 1"),
+            ("train.collective_timeout_s", t.collective_timeout_s, lambda v: v > 0, "> 0"),
+            ("train.rollback_lr_factor", t.rollback_lr_factor, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("train.save_every", t.save_every, lambda v: v >= 0, ">= 0"),
+            ("train.keep_last", t.keep_last, lambda v: v >= 0, ">= 0"),
+            ("train.epochs", t.epochs, lambda v: v > 0 or t.max_steps is not None, "> 0"),
+            ("optim.momentum", o.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("model.dropout", self.model.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("head.scale", self.head.scale, lambda v: v > 0, "> 0"),
+        ):
+            if not ok(value):
+                raise ConfigError(f"{key} must be {want}, got {value}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two values in [0, 1), got {o.betas!r}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -5,13 +5,19 @@ On a CPU, DeepSpeed's communication backend maps one POSIX shared-memory segment
 unlinks it; every run gets a fresh port, so the segments pile up in RAM. Each rank unlinks its
 own segment as soon as every rank has mapped all of them: the mappings stay valid until exit, and
 nothing is left behind however the process ends (error, signal, even SIGKILL).
+
+Every process group gets ``train.collective_timeout_s`` (``peers.group_timeout``): the default
+one through ``deepspeed.init_distributed``, the groups DeepSpeed clones later (ZeRO's
+data-parallel group) through torch's default, which would otherwise be 30 minutes for gloo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -22,18 +28,99 @@ SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise (or adopt an initialised) process group through DeepSpeed; ``(rank, world)``."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise (or adopt an initialised) process group through DeepSpeed; ``(rank, world)``.
+
+    ``timeout_s``: how long a collective waits for a peer before it fails (every group, gloo and
+    NCCL; NCCL also gets asynchronous error handling). ``None`` keeps DeepSpeed's default.
+    """
     use_venv_extension_cache()
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     _note_first_compile()
-    deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+    kwargs = {}
+    if timeout_s is not None:
+        from pfc_ds.train.peers import group_timeout
+
+        backend = get_accelerator().communication_backend_name()
+        timeout = group_timeout(backend, timeout_s)
+        if backend == "nccl":  # torch 2.13 still reads this name: abort the comms on a timeout
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        set_group_timeouts(timeout)
+        kwargs["timeout"] = timeout
+    _init_under_torchelastic(kwargs.get("timeout"))
+    deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), **kwargs)
+    if timeout_s is not None:
+        set_group_timeouts(kwargs["timeout"])  # a group adopted from the caller (tests)
     rank, world = dist.get_rank(), dist.get_world_size()
     if _uses_shm_comm():
         dist.barrier()  # every rank has mapped every segment once initialize() returned
         release_shm_segment(rank)
     return rank, world
+
+
+def _init_under_torchelastic(timeout: timedelta | None) -> None:
+    """Create the default group in a per-attempt namespace of torchrun's store.
+
+    torchrun's agent keeps one TCPStore for all restarts (``--max-restarts``), and torch 2.13's
+    ``env://`` rendezvous adds no per-attempt prefix (``rendezvous.py`` assumes a new store per
+    retry). A restarted group then reads the dead attempt's gloo addresses: "Connection
+    refused", or a hang when a port was reused (measured: 3 restarts in 4 failed). DeepSpeed
+    adopts a group that exists, so we make it here, as torch would but under
+    ``pfc_ds/attempt_<TORCHELASTIC_RESTART_COUNT>/``.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    timeout = timeout or c10d_default_timeout()
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    backend = get_accelerator().communication_backend_name()
+    kwargs = {}
+    if backend == "nccl" and world > 1:  # as DeepSpeed does: bind the device for NCCL
+        kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"pfc_ds/attempt_{attempt}/", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def c10d_default_timeout() -> timedelta:
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d.default_pg_timeout
+
+
+def set_group_timeouts(timeout: timedelta) -> None:
+    """``timeout`` for every existing process group and, as torch's default, for later ones.
+
+    ``new_group(timeout=None)`` reads ``distributed_c10d.default_pg_timeout`` (and the NCCL one)
+    when called, and DeepSpeed clones the world group that way; setting both module defaults is
+    the one hook torch offers for groups created inside DeepSpeed.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    if dist.is_initialized():
+        for group in list(c10d._world.pg_map):
+            with contextlib.suppress(ValueError, AssertionError):
+                c10d._set_pg_timeout(timeout, group)
 
 
 def release_shm_segment(rank: int) -> None:

@@ -2,18 +2,31 @@
 
 The loop counts optimizer steps. A SIGTERM or SIGINT (preemption) is all-reduced at every step boundary, so
 every rank stops after the same step, saves a checkpoint and returns; ``train.py`` then exits 143.
-Under fp32/bf16 a non-finite loss raises ``FloatingPointError`` naming the step (read at the next
-logging interval or save: a step itself makes no host sync); under fp16 it is an overflow (both
-optimizers skip and the scale backs off) until ``train.max_skipped_steps`` consecutive skips,
-which raise.
+
+Faults (README "Reliability"):
+
+* **Divergence.** Under fp32/bf16 a non-finite loss is found at the next logging interval or save
+  (a step itself makes no host sync); under fp16 it is an overflow (both optimizers skip, the
+  scale backs off) until ``train.max_consecutive_skips`` skips in a row or an overflow at the
+  minimum scale. Then ``train.on_divergence``: ``stop`` raises ``DivergenceError`` naming the
+  step, the scale history and the last good checkpoint; ``rollback`` reloads that checkpoint,
+  multiplies the LR by ``train.rollback_lr_factor`` and continues (logged in ``metrics.jsonl``).
+  Weights are checked on the device before every save: a non-finite one is never written.
+* **A dead or hung peer.** Every process group times out after ``train.collective_timeout_s``;
+  the failure is re-raised as ``PeerFailure`` naming the step and the missing rank, and a
+  watchdog covers hangs no collective sees.
+* **Resume.** ``--resume`` or ``train.auto_resume`` takes the newest checkpoint whose files all
+  verify against ``meta.json``; a damaged one is named, set aside, and the previous one used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +36,11 @@ import torch.distributed as dist
 from pfc_ds import phases
 from pfc_ds.head import seeds
 from pfc_ds.train import checkpoint as ckpt
+from pfc_ds.train import peers, preflight
+from pfc_ds.train.checkpoint import CheckpointError
 from pfc_ds.train.config import Config, ConfigError
 from pfc_ds.train.distributed import init_distributed
+from pfc_ds.train.divergence import DivergenceError, ScaleGuard, nonfinite_weights
 from pfc_ds.train.engine import (
     Lockstep,
     StepResult,
@@ -36,24 +52,31 @@ from pfc_ds.train.engine import (
     loss_scale,
     precision,
 )
+from pfc_ds.train.faults import Faults
 from pfc_ds.train.metrics import MetricsLogger, coarse_phases
 from pfc_ds.train.schedule import PolynomialLRWarmup
 from pfc_ds.train.stop import StopRequest
 
 log = logging.getLogger("pfc_ds.train")
 
+MAX_ROLLBACKS = 3  # rollbacks in a row to one checkpoint before the run stops anyway
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from data_pipelines.recordio import RecordError
     from data_pipelines.sources import DataError
 
-    return (ConfigError, DataError, RecordError, FileNotFoundError)
+    return (ConfigError, DataError, RecordError, FileNotFoundError, CheckpointError)
 
 
 # A bad key, value or file, identical on every rank: ``train.py`` prints it once, no traceback.
 USER_ERRORS = _user_errors()
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Rollback(Exception):
+    """Raised inside the loop to reload the last good checkpoint (``train.on_divergence``)."""
 
 
 def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
@@ -134,21 +157,55 @@ class Trainer:
         self.cfg = cfg
         self.ds_source = ds_config if ds_config is not None else cfg.train.deepspeed
         self.output = Path(output or cfg.train.output)
-        self.resume = resume
+        # train.auto_resume: a restarted (torchrun --max-restarts) or resubmitted job continues.
+        self.resume = resume or cfg.train.auto_resume
         self._backbone = backbone
         self._loader = loader
         self.stream = stream
         self.history: list[dict[str, Any]] = []
         self._unread: list[int] = []  # history entries whose loss is still a device tensor
         self.stopped_by_signal = False
+        self.last_good: Path | None = None  # the newest checkpoint saved or resumed from
+        self.loaded_tag: str | None = None  # the tag resumed from (never pruned by this run)
+        self.rollbacks: list[dict[str, Any]] = []
+        self._lr_factor = 1.0  # product of the rollbacks' LR factors (checkpointed)
+        self._where = "before the first step"  # what runs now, for a peer failure's message
+        self._watchdog: peers.Watchdog | None = None
+        self._stop: StopRequest | None = None  # while fit() runs
 
     # ---- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world_size = init_distributed()
-        found = ckpt.find_latest(self.output) if self.resume else None
+        self.rank, self.world_size = init_distributed(cfg.train.collective_timeout_s)
+        # Host-side agreement (SIGTERM, file lists, checks) goes over gloo, so it never waits for
+        # the GPU's queued work.
+        gloo = dist.get_backend() == "gloo"
+        self._control_group = (
+            None
+            if gloo
+            else dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=cfg.train.collective_timeout_s)
+            )
+        )
+        self.faults = Faults.from_env(self.rank)
+        self._agree(preflight.unwritable(self.output), ConfigError)
+        found = self._pick_checkpoint() if self.resume else None
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart and not self.resume and self.rank == 0:
+            log.warning(
+                "torchrun restart %d without --resume or train.auto_resume: training starts over "
+                "from step 0",
+                restart,
+            )
+        if found is not None:
+            self._agree(preflight.resume_mismatch(found[1], found[0], cfg), ConfigError)
         ds = build_ds_config(self.ds_source, cfg, self.world_size)
+        fp16 = ds.get("fp16", {})
+        dynamic = fp16.get("enabled") and not fp16.get("loss_scale", 0)
+        self.guard = ScaleGuard(
+            cfg.train.max_consecutive_skips, fp16.get("min_loss_scale", 1) if dynamic else None
+        )
         stage = ds.get("zero_optimization", {}).get("stage", 0)
 
         torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
@@ -180,6 +237,8 @@ class Trainer:
             device=self.engine.device,
             seed=cfg.data.seed,
         )
+        if found is not None:  # data.num_classes is known now (the loader may supply it)
+            self._agree(preflight.resume_mismatch(found[1], found[0], cfg), ConfigError)
         self._build_head()  # after the loader: it may supply data.num_classes
         from pfc_ds.train.evaluation import Evaluator
 
@@ -198,21 +257,16 @@ class Trainer:
         self.clock = phases.PhaseClock()
         self.on_split: Callable[[int, dict[str, float]], None] | None = None  # per step, ms
         self._split_sum: dict[str, float] = {}
-        # SIGTERM agreement is host-side: over gloo, so a GPU step never waits on it.
-        gloo = dist.get_backend() == "gloo"
-        self._control_group = None if gloo else dist.new_group(backend="gloo")
-        self.lockstep = Lockstep(
-            self.engine,
-            self.head,
-            self.head_optimizer,
-            self.schedule,
-            (cfg.optim.lr, cfg.head_optimizer()[1]["lr"]),
-            prefetch=cfg.head.bank_prefetch,
-        )
         self.step, self.epoch = 0, 0
         torch.manual_seed(seeds.backbone(cfg.train.seed, self.rank))  # dropout differs per rank
+        # Python's and numpy's global RNGs too: they are checkpointed, so an unseeded start made
+        # two launches of one run write different trainer states (and checksums).
+        ckpt.seed_host_rngs(seeds.backbone(cfg.train.seed, self.rank))
         if found is not None:
             self._restore(found, restore)
+            self.loaded_tag, self.last_good = found[0].name, found[0]
+        self.lockstep = self._make_lockstep()
+        self._check_space_for_one_checkpoint(found)
         if self.rank == 0:
             log.info(
                 "pfc_ds: %s, %d rank(s) x batch %d x accum %d = %d img/step, %d steps, %s, "
@@ -228,6 +282,76 @@ class Trainer:
                 cfg.model.embedding_size,
                 cfg.head.sample_rate,
             )
+
+    def _make_lockstep(self) -> Lockstep:
+        """A fresh lockstep (no deferred flags) at the base LRs times ``_lr_factor``."""
+        lrs = (self.cfg.optim.lr, self.cfg.head_optimizer()[1]["lr"])
+        return Lockstep(
+            self.engine,
+            self.head,
+            self.head_optimizer,
+            self.schedule,
+            (lrs[0] * self._lr_factor, lrs[1] * self._lr_factor),
+            prefetch=self.cfg.head.bank_prefetch,
+        )
+
+    def _agree(self, problem: str | None, error: type[Exception]) -> None:
+        """Raise ``error`` on every rank if any rank found ``problem`` (the lowest rank's)."""
+        problems = ckpt.gather_objects(problem, self._control_group)
+        first = next((p for p in problems if p is not None), None)
+        if first is not None:
+            raise error(first)
+
+    def _pick_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint whose files verify; damaged ones are set aside."""
+        if self.rank == 0:
+            for folder in ckpt.incomplete(self.output):
+                log.warning("%s has no %s (a save cut short); not resuming it", folder, ckpt.META)
+        found = ckpt.candidates(self.output)
+        for folder, meta in found:
+            problems = ckpt.verify(folder, meta, self._control_group)
+            if not problems:
+                return folder, meta
+            if self.rank == 0:
+                moved = ckpt.set_aside(folder)
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                log.warning(
+                    "checkpoint %s is damaged: %s%s; set aside as %s, trying the previous one",
+                    folder.name,
+                    problems[0],
+                    more,
+                    moved.name,
+                )
+            ckpt.barrier(self._control_group)
+        if found:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.output / ckpt.CHECKPOINTS}: all {len(found)} "
+                f"failed verification (set aside as *{ckpt.DAMAGED})"
+            )
+        return None
+
+    def _check_space_for_one_checkpoint(self, found) -> None:
+        """Before any step: room for one checkpoint (estimated, or the resumed one's size)."""
+        cfg = self.cfg
+        mine = preflight.checkpoint_bytes(
+            self.engine, self.head, cfg.optim.name, cfg.optim.momentum, rank=self.rank
+        )
+        need = self.checkpoint_estimate = sum(ckpt.gather_objects(mine, self._control_group))
+        if found is not None:
+            need = max(need, int(found[1].get("bytes") or 0))
+        self.checkpoint_bytes = need
+        root = self.output / ckpt.CHECKPOINTS
+        short = ckpt.space_short(root, need, self._control_group)
+        if short is None:
+            return
+        message = (
+            f"train.output: {ckpt.size_text(short[1])} free on {root} (rank {short[0]}), one "
+            f"checkpoint needs about {ckpt.size_text(need)}"
+        )
+        if cfg.train.save_failure == "error":
+            raise CheckpointError(message + " (train.save_failure: warn trains on without saving)")
+        if self.rank == 0:
+            log.warning("%s; training anyway (train.save_failure: warn)", message)
 
     @property
     def global_batch(self) -> int:
@@ -332,6 +456,7 @@ class Trainer:
         )
         state = ckpt.load_trainer_state(folder, meta)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._lr_factor = float(state.get("lr_factor", 1.0))
         self.loader.load_state_dict(state["data"])
         if "rng" in state:
             ckpt.set_rng_state(state["rng"])
@@ -390,7 +515,8 @@ class Trainer:
         off (the profiler's runs). ``on_step(step)`` runs after every optimizer step.
         """
         if not hasattr(self, "engine"):
-            self.setup()
+            with self._peer_failures():
+                self.setup()
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         logger = MetricsLogger(
             self.output,
@@ -400,43 +526,76 @@ class Trainer:
             stream=self.stream,
         )
         logger.start(self.step)
-        self._skipped_in_a_row = 0
+        self._logger = logger
         self._since_log = 0
         previous_clock = phases.install(self.clock)
         self.clock.collect()
         self._split_sum = {}
+        timeout = self.cfg.train.collective_timeout_s
         try:
-            with StopRequest(self._control_group) as stop:
-                for res, loss in self._optimizer_steps(end):
-                    # Timed too (billed to the next step), so the phases cover the whole loop.
-                    with phases.span("loop"):
-                        self._record(res, loss)
-                        self._log(logger, res, end)
-                        if on_step is not None:
-                            on_step(self.step)
-                    if self.evaluator.due(self.step, end):
-                        with phases.span("eval"):
-                            self._evaluate(logger)
-                    with phases.span("comm"):
-                        agreed = stop.agreed()
-                    if agreed:
-                        self.save()
-                        self.stopped_by_signal = True
-                        if stop.signal_name is not None or self.rank == 0:
-                            why = stop.signal_name or "a signal to another rank"
-                            log.warning("%s: saved step %d, stopping", why, self.step)
-                        return self.history
-                    every = self.cfg.train.save_every
-                    if save and (self.step == end or (every and self.step % every == 0)):
-                        with phases.span("checkpoint"):
-                            self.save()
-            self._flush()
+            with self._peer_failures():
+                with (
+                    StopRequest(self._control_group) as self._stop,
+                    peers.Watchdog(timeout, wait_s=_report_wait_s(timeout)) as self._watchdog,
+                ):
+                    while True:
+                        try:
+                            if self._run(end, save, on_step):
+                                return self.history  # stopped by a signal
+                            break
+                        except _Rollback as exc:
+                            self._rollback(str(exc))
+                if save:
+                    self._where = "exporting backbone.pt"
+                    self.export()
         finally:
+            self._watchdog = self._stop = None
             phases.install(previous_clock)
             logger.close()
-        if save:
-            self.export()
         return self.history
+
+    @contextlib.contextmanager
+    def _peer_failures(self) -> Iterator[None]:
+        """Re-raise a collective that failed for a dead or hung peer as ``PeerFailure``."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, peers.PeerFailure) or not peers.is_peer_failure(exc):
+                raise
+            timeout = self.cfg.train.collective_timeout_s
+            raise peers.describe(self._where, str(exc), timeout, _report_wait_s(timeout)) from exc
+
+    def _run(self, end: int, save: bool, on_step: Callable[[int], None] | None) -> bool:
+        """Steps to ``end`` with logs, evaluations and checkpoints; True: stopped by a signal."""
+        logger, stop = self._logger, self._stop
+        for res, loss in self._optimizer_steps(end):
+            # Timed too (billed to the next step), so the phases cover the whole loop.
+            with phases.span("loop"):
+                self._record(res, loss)
+                self._log(logger, res, end)
+                if on_step is not None:
+                    on_step(self.step)
+            if self.evaluator.due(self.step, end):
+                self._where = f"evaluating after step {self.step}"
+                with phases.span("eval"), self._watchdog.paused():
+                    self._evaluate(logger)
+            self._where = f"agreeing on a stop after step {self.step}"
+            with phases.span("comm"):
+                agreed = stop.agreed()
+            if agreed:
+                saved = self.save()
+                self.stopped_by_signal = True
+                if stop.signal_name is not None or self.rank == 0:
+                    why = stop.signal_name or "a signal to another rank"
+                    what = "saved" if saved is not None else "could not save"
+                    log.warning("%s: %s step %d, stopping", why, what, self.step)
+                return True
+            every = self.cfg.train.save_every
+            if save and (self.step == end or (every and self.step % every == 0)):
+                with phases.span("checkpoint"):
+                    self.save()
+        self._flush()
+        return False
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` epoch after epoch; the loader owns the epoch count."""
@@ -461,7 +620,14 @@ class Trainer:
         while self.step < end:
             if not window:
                 phases.begin("step")  # its own time: the loop's overhead between phases
+                self._where = f"in step {self.step + 1}"
+                if self._watchdog is not None:
+                    self._watchdog.beat(self._where)
+                if self.faults:
+                    self.faults.before_step(self.step + 1)
             images, labels = next(batches)
+            if self.faults:
+                images = self.faults.poison(images, self.step + 1)
             res = self.lockstep.micro_step(images, labels, self.step)
             window.append(res.loss)
             if res.boundary:
@@ -492,17 +658,84 @@ class Trainer:
                 "applied": res.applied,
             }
         )
-        self._skipped_in_a_row = 0 if res.applied else self._skipped_in_a_row + 1
-        if self._skipped_in_a_row > self.cfg.train.max_skipped_steps:
-            raise FloatingPointError(
-                f"step {self.step}: {self._skipped_in_a_row} optimizer steps in a row skipped "
-                f"for non-finite gradients (loss {loss}, loss scale {res.loss_scale}); "
-                "training diverged"
+        # Host values only (DeepSpeed's overflow flag and scale): no sync of our own.
+        reason = self.guard.record(self.step, res.applied, res.loss_scale)
+        if reason is not None:
+            self._diverged(reason)
+
+    def _diverged(self, reason: str) -> None:
+        """Training diverged at this step: roll back (``train.on_divergence``) or stop."""
+        good = self.last_good
+        message = (
+            f"training diverged: {reason}; {self.guard.history_text()}; last good checkpoint: "
+            f"{good if good is not None else 'none'}"
+        )
+        if self.cfg.train.on_divergence == "rollback":
+            again = sum(r["to_step"] == self._tag_step(good) for r in self.rollbacks)
+            if good is None:
+                why = "no checkpoint to roll back to"
+            elif again >= MAX_ROLLBACKS:
+                why = f"{again} rollbacks to it already"
+            elif not self._same_run(good):
+                why = "it was written at another world size or ZeRO stage; resume it instead"
+            else:
+                raise _Rollback(message)
+            raise DivergenceError(f"{message} ({why}; stopping)")
+        raise DivergenceError(
+            f"{message} (resume it with --resume at a lower optim.lr, or set "
+            "train.on_divergence: rollback)"
+        )
+
+    def _same_run(self, folder: Path) -> bool:
+        """Whether ``folder`` reloads in place (same world size and ZeRO stage)."""
+        meta = json.loads((folder / ckpt.META).read_text())
+        return meta["world_size"] == self.world_size and meta["zero_stage"] == self.zero_stage
+
+    @staticmethod
+    def _tag_step(folder: Path | None) -> int | None:
+        m = ckpt.TAG_RE.fullmatch(folder.name) if folder is not None else None
+        return int(m.group(1)) if m else None
+
+    def _rollback(self, reason: str) -> None:
+        """Reload the last good checkpoint at ``rollback_lr_factor`` x the LR; log it."""
+        folder = self.last_good
+        failed = self.step
+        self._where = f"rolling back to {folder.name}"
+        meta = json.loads((folder / ckpt.META).read_text())
+        factor = self._lr_factor * self.cfg.train.rollback_lr_factor
+        self.head_optimizer.zero_grad()  # rows of an unfinished window
+        with self._watchdog.paused() if self._watchdog else contextlib.nullcontext():
+            self._restore((folder, meta), "engine")
+        self._lr_factor = factor
+        self.lockstep = self._make_lockstep()
+        self.guard.reset()
+        self.history = [h for h in self.history if h["step"] <= self.step]
+        self._unread = [i for i in self._unread if i < len(self.history)]
+        event = {
+            "step": failed,
+            "event": "rollback",
+            "to_step": self.step,
+            "lr_factor": factor,
+            "reason": reason,
+        }
+        self.rollbacks.append(event)
+        self._logger.write(event)
+        self._logger.start(self.step)
+        if self.rank == 0:
+            log.warning(
+                "%s; rolled back to %s (step %d) with the LR x %g",
+                reason,
+                folder,
+                self.step,
+                factor,
             )
 
     def _flush(self) -> None:
         """The one host sync of a logging interval: raise for deferred faults, read the losses."""
-        self.lockstep.check()
+        try:
+            self.lockstep.check()
+        except FloatingPointError as exc:  # fp32/bf16: a non-finite loss, no scale to back off
+            self._diverged(str(exc))
         if self._unread:
             losses = torch.stack([self.history[i]["loss"] for i in self._unread]).tolist()
             for i, value in zip(self._unread, losses, strict=True):
@@ -550,23 +783,76 @@ class Trainer:
             extra["max_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         return extra
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Checkpoint this step (collective); ``None`` if it could not be written and
+        ``train.save_failure`` is ``warn``. Never writes non-finite weights."""
         self._flush()  # never save after a fault the flags still hold
+        if self._nonfinite_weights():
+            self._diverged(f"step {self.step}: non-finite weights found before the checkpoint")
         state = {
             "step": self.step,
             "epoch": self.epoch,
             "data": self.loader.state_dict(),
             "schedule": self._schedule_state(),
+            "lr_factor": self._lr_factor,
         }
-        return ckpt.save(
-            self.engine,
-            self.head,
-            state,
-            self.output,
-            self.step,
-            self._meta(),
-            keep_last=self.cfg.train.keep_last,
-        )
+        self._where = f"in the checkpoint of step {self.step}"
+        stop = self._stop
+        try:
+            with stop.saving(self.step) if stop is not None else contextlib.nullcontext():
+                folder = ckpt.save(
+                    self.engine,
+                    self.head,
+                    state,
+                    self.output,
+                    self.step,
+                    self._meta(),
+                    keep_last=self.cfg.train.keep_last,
+                    need_bytes=int(self.checkpoint_bytes * 1.05),
+                    protect=(self.loaded_tag,) if self.loaded_tag else (),
+                    group=self._control_group,
+                    hooks=self._file_hooks(),
+                )
+        except CheckpointError as exc:
+            if self.cfg.train.save_failure == "error":
+                raise CheckpointError(
+                    f"{exc}; the previous checkpoint {self.last_good} is intact "
+                    "(train.save_failure: warn trains on)"
+                ) from exc
+            if self.rank == 0:
+                log.warning("%s; training on (train.save_failure: warn)", exc)
+            return None
+        self.last_good = folder
+        size = json.loads((folder / ckpt.META).read_text()).get("bytes")
+        self.checkpoint_bytes = int(size or self.checkpoint_bytes)
+        return folder
+
+    def _file_hooks(self) -> ckpt.FileHooks:
+        step, dog, faults = self.step, self._watchdog, self.faults
+
+        def before(path: Path) -> None:
+            if faults:
+                faults.before_file(path)
+
+        def after(path: Path) -> None:
+            if dog is not None:
+                dog.beat(f"in the checkpoint of step {step}")
+            if faults:
+                faults.after_file(path, step)
+
+        return ckpt.FileHooks(before, after)
+
+    def _nonfinite_weights(self) -> bool:
+        """Any NaN/inf in the backbone or the head's rows, on any rank (one sync per save)."""
+        from pfc_ds.train.shard_files import ROW_KEYS
+
+        tensors = []
+        for p in self.engine.module.parameters():
+            part = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            tensors.append(p if part is None else part)
+        state = self.head.state_dict()
+        tensors += [t for k in ROW_KEYS if isinstance(t := state.get(k), torch.Tensor)]
+        return nonfinite_weights(tensors, self.engine.device)
 
     def export(self) -> None:
         """Write ``OUTPUT/backbone.pt``: the trained fp32 backbone state dict (rank 0)."""
@@ -574,10 +860,20 @@ class Trainer:
         if self.rank == 0:
             from pfc_ds.train.shard_files import atomic_save
 
-            atomic_save(state, self.output / "backbone.pt")
+            try:
+                atomic_save(state, self.output / "backbone.pt")
+            except OSError as exc:
+                if self.cfg.train.save_failure == "error":
+                    raise CheckpointError(f"{self.output / 'backbone.pt'}: {exc}") from exc
+                log.warning("%s not written (%s; train.save_failure: warn)", "backbone.pt", exc)
 
     def head_state(self) -> dict[str, Any]:
         return self.head.state_dict()
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         return full_backbone_state(self.engine)
+
+
+def _report_wait_s(timeout_s: float) -> float:
+    """How long a survivor waits for the other survivors to report before naming the rest."""
+    return min(5.0, max(1.0, timeout_s / 4))

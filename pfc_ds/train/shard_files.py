@@ -85,8 +85,9 @@ def _stream(t: torch.Tensor, f) -> None:
         f.write(arr.numpy().astype(npdt, copy=False).tobytes(order="C"))
 
 
-def save_shard(state: dict, path: str | os.PathLike) -> None:
-    """Write a head shard atomically: row tensors streamed to raw files, then the ``.pt``."""
+def save_shard(state: dict, path: str | os.PathLike) -> list[Path]:
+    """Write a head shard atomically: row tensors streamed to raw files, then the ``.pt``; every
+    file fsynced. Returns the files written (raw files first)."""
     path = Path(path)
     small, raws = {}, []
     for key, value in state.items():
@@ -104,6 +105,7 @@ def save_shard(state: dict, path: str | os.PathLike) -> None:
     for tmp, raw in raws:
         os.replace(tmp, raw)
     atomic_save(small, path)
+    return [raw for _, raw in raws] + [path]
 
 
 def load_shard(path: str | os.PathLike) -> dict:
@@ -129,7 +131,12 @@ def _map_raw(raw: Path, ref: dict) -> torch.Tensor:
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name, fsync, rename: the path holds the old or the new
+    object, never a torn one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
