@@ -12,10 +12,8 @@ checkpoint. Everything else lives in pfc_ds.train; this file only parses argumen
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,17 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed 0.19.8's ZeRO calls torch's deprecated *_into_tensor collectives every step.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
+    from pfc_ds.train.cli import config_from_args, setup_rank_logging
 
+    setup_rank_logging(rank)
     from pfc_ds.train import USER_ERRORS, Trainer
-    from pfc_ds.train.cli import config_from_args
     from pfc_ds.train.divergence import DivergenceError
     from pfc_ds.train.peers import EXIT_CODE, PeerFailure
 

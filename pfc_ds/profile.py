@@ -436,18 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
         return launch_self(argv, args.ranks)
-    import logging
-    import warnings
+    from pfc_ds.train import USER_ERRORS
+    from pfc_ds.train.cli import setup_rank_logging
 
     rank = int(os.environ["RANK"])
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
-    from pfc_ds.train import USER_ERRORS
+    setup_rank_logging(rank)
 
     try:
         res = run_rank(args)

@@ -320,16 +320,16 @@ class PartialFC(torch.nn.Module):
         if local_labels.dim() != 1 or local_labels.dtype.is_floating_point:
             return  # forward raises the clear error
         sizes = self._sizes(local_labels.shape[0], local_labels.device)
-        self._prefetched = (local_labels, self._sample(local_labels, sizes))
+        self._prefetched = (local_labels, sizes, self._sample(local_labels, sizes))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(local_embeddings, local_labels)
         group, device = self.process_group, self.bank.device
         ready, self._prefetched = self._prefetched, None
-        sizes = self._sizes(local_labels.shape[0], local_labels.device)
-        if ready is not None and ready[0] is local_labels:
-            index, target, active, rows, pending = ready[1]
+        if ready is not None and ready[0] is local_labels:  # sizes and sample from prefetch
+            sizes, (index, target, active, rows, pending) = ready[1], ready[2]
         else:
+            sizes = self._sizes(local_labels.shape[0], local_labels.device)
             index, target, active, rows, pending = self._sample(local_labels, sizes)
         embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
         if pending is not None:

@@ -14,7 +14,7 @@ from functools import cache
 
 from pfc_ds.head import bank as _bank
 from pfc_ds.head import partial_fc as _partial_fc
-from pfc_ds.head.margin_softmax import DEFAULT_CHUNK_BYTES, chunk_size
+from pfc_ds.head.margin_softmax import chunk_size
 from pfc_ds.head.sharding import shard_range
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -257,7 +257,6 @@ def max_ids(
 
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES",
     "BackboneSpec",
     "HeadSpec",
     "backbone_bytes",

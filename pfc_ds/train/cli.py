@@ -40,6 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def setup_rank_logging(rank: int) -> None:
+    """Rank 0 logs at INFO, the others at WARNING; DeepSpeed's chatter and its per-step
+    deprecation warnings (0.19.8's ZeRO calls torch's *_into_tensor collectives) stay out."""
+    import logging
+    import warnings
+
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if args.output is not None:
