@@ -106,3 +106,77 @@ def test_trainer_banks_bit_identical_across_resume(tmp_path, dtype):
             assert torch.equal(head_ref[k], head[k]), (bank, k)
         for k in bb_ref:
             assert torch.equal(bb_ref[k], bb[k]), (bank, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_disk_bank_checkpoints_copy_files_and_every_bank_loads_them(tmp_path, monkeypatch, dtype):
+    """A disk bank's save copies its files (nothing streams through memory); a load into a
+    disk bank copies row ranges file to file, into the others a chunk at a time; all equal."""
+    from pfc_ds.head import row_files
+    from pfc_ds.train import shard_files
+
+    run = {}
+    head = _trained_head("disk", dtype, tmp_path / "bank", run)
+    monkeypatch.setattr(shard_files, "_stream", None)  # would fail if the rows streamed
+    state = {**head.state_dict(), **head.bank.file_rows()}
+    (tmp_path / "ck").mkdir()
+    shard_files.save_shard(state, tmp_path / "ck" / "head_shard_00000_of_00001.pt")
+    monkeypatch.undo()
+    saved = tmp_path / "ck" / "head_shard_00000_of_00001.pt"
+    assert sorted(p.name.split(".")[2] for p in saved.parent.glob("*.bin")) == [
+        "exp_avg", "exp_avg_sq", "steps", "weight"
+    ]  # fmt: skip
+    for name in ("weight", "exp_avg", "steps"):
+        copy = saved.with_name(f"{saved.name}.{name}.bin").read_bytes()
+        assert copy == head.bank.file_of(name).read_bytes(), name
+    want = {k: v.clone() for k, v in run["state"].items()}
+    for bank in ("device", "host", "disk"):
+        fresh = _new_head(bank, dtype, tmp_path / f"load_{bank}")
+        if bank == "disk":  # same dtype: kernel copies only, no buffered read
+            monkeypatch.setattr(row_files.FileRows, "read_into", None)
+        fresh.load_state_dict(shard_files.file_shard([saved], 1, 0, seed=0))
+        monkeypatch.undo()
+        if bank == "disk":  # loaded without touching the mapped pages
+            assert _mapped_rss_kb(tmp_path / "load_disk") < 64
+        got = fresh.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (bank, k)
+
+
+def _new_head(bank: str, dtype: torch.dtype, path) -> pfc_ds.PartialFC:
+    torch.manual_seed(0)
+    return pfc_ds.PartialFC(
+        pfc_ds.CombinedMarginLoss(32.0, 1.0, 0.0, 0.3), 16, 500, sample_rate=0.2, dtype=dtype,
+        bank=bank, bank_path=str(path),
+    )  # fmt: skip
+
+
+def _trained_head(bank: str, dtype: torch.dtype, path, out: dict) -> pfc_ds.PartialFC:
+    head = _new_head(bank, dtype, path)
+    o = pfc_ds.SparseAdamW(head, 0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        head(
+            torch.randn(12, 16, generator=g, requires_grad=True),
+            torch.randint(0, 500, (12,), generator=g),
+        ).backward()
+        o.step()
+        o.zero_grad()
+    out["state"] = {k: v for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
+    return head
+
+
+def test_pinned_pool_reuses_a_buffer_only_once_its_copy_is_done():
+    from pfc_ds.head.host_bank import PinnedPool
+
+    pool, busy = PinnedPool(pin=False), [True]
+    a, buf_a = pool.take((4, 8), torch.float16)
+    pool.lend(buf_a, lambda: busy[0])
+    b, buf_b = pool.take((2, 8), torch.float32)  # buf_a is still being copied from
+    assert buf_b.data_ptr() != buf_a.data_ptr() and tuple(b.shape) == (2, 8)
+    pool.lend(buf_b, lambda: False)
+    busy[0] = False
+    c, buf_c = pool.take((8,), torch.float32)  # both free: the smallest that fits (64 B)
+    assert buf_c.data_ptr() == buf_a.data_ptr() and c.dtype == torch.float32
+    pool.lend(buf_c, lambda: False)
+    assert pool.nbytes() == 64 + 64 and a.shape == (4, 8)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.row_files import FileRows
 from pfc_ds.head.step_rng import StepRng
 from pfc_ds.head.workspace import Workspace
 
@@ -216,14 +217,21 @@ class CenterBank:
     def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.storage)
 
-    def load(self, weight: torch.Tensor, states: dict[str, torch.Tensor | None]) -> None:
-        """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's)."""
+    def load(
+        self, weight: torch.Tensor | FileRows, states: dict[str, torch.Tensor | FileRows | None]
+    ) -> None:
+        """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's). Rows
+        still in files (``FileRows``) are read a chunk at a time."""
         self.flush()
         if tuple(weight.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"head weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
             )
-        self.weight.copy_(weight)
+        if isinstance(weight, FileRows) and not weight.covers_all():
+            raise ValueError(
+                f"head weight files cover {weight.pieces}, not all {weight.shape[0]} rows"
+            )
+        self._load_rows("weight", self.weight, weight)
         self.states = {}
         for name, value in states.items():
             if value is None:
@@ -231,7 +239,17 @@ class CenterBank:
             shape, _ = self._shape_dtype(name)
             if tuple(value.shape) != shape:
                 raise ValueError(f"head {name} shape {tuple(value.shape)} != {shape}")
-            self.ensure_state(name).copy_(value)
+            self._load_rows(name, self.ensure_state(name), value)
+
+    def _load_rows(self, name: str, target: torch.Tensor, value: torch.Tensor | FileRows) -> None:
+        if isinstance(value, FileRows):
+            value.read_into(target)
+        else:
+            target.copy_(value)
+
+    def file_rows(self) -> dict[str, FileRows]:
+        """The tensors that already are files (a disk bank's), so a save can copy files."""
+        return {}
 
     def _gather(
         self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pfc_ds.head.bank import CenterBank, init_centres, round_to_bf16, round_to_fp16
+from pfc_ds.head.row_files import FileRows, copy_range
 from pfc_ds.head.workspace import Workspace
 
 
@@ -40,6 +42,44 @@ class Pending:
         if event is not None:  # the side stream's copy: order the current stream after it
             torch.cuda.current_stream().wait_event(event)
         return self._out
+
+
+class PinnedPool:
+    """Reused pinned host buffers for the lane's device copies: allocating pinned memory costs
+    far more than the copy (``cudaHostAlloc`` maps every page), so after the first step no
+    buffer is allocated again. A buffer is reused once the copies that read or wrote it are
+    done (``busy()`` false); the pool grows only while every buffer is busy."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+        self._busy: list[tuple[torch.Tensor, object]] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``shape``/``dtype`` view of a free buffer, and the buffer (for ``lend``)."""
+        need = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
+        with self._lock:
+            still = []
+            for buf, busy in self._busy:
+                (still.append((buf, busy)) if busy() else self._free.append(buf))
+            self._busy = still
+            fits = [b for b in self._free if b.numel() >= need]
+            buf = min(fits, key=torch.Tensor.numel) if fits else None
+            if buf is None:
+                buf = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
+            else:
+                self._free.remove(buf)
+        return buf[:need].view(dtype).view(shape), buf
+
+    def lend(self, buf: torch.Tensor, busy) -> None:
+        """Give ``buf`` back, in use until ``busy()`` returns false."""
+        with self._lock:
+            self._busy.append((buf, busy))
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._free) + sum(b.numel() for b, _ in self._busy)
 
 
 class HostBank(CenterBank):
@@ -64,6 +104,7 @@ class HostBank(CenterBank):
         self._last: Future | None = None
         self._stream = torch.cuda.Stream(self.compute) if self.pinned else None
         self._device_ws = Workspace(self.compute)  # rounding happens on the compute device
+        self._pool = PinnedPool(self.pinned)  # host ends of the lane's copies
         # Seconds the lane spent and bytes it moved, by kind: what pfc_ds.scale reports.
         self.lane = {"gather_s": 0.0, "gather_bytes": 0, "write_s": 0.0, "write_bytes": 0}
 
@@ -80,6 +121,9 @@ class HostBank(CenterBank):
         self.flush()
         self.compute = torch.device(device)
         self._device_ws = Workspace(self.compute)
+        self.pinned = self.compute.type == "cuda"
+        self._stream = torch.cuda.Stream(self.compute) if self.pinned else None
+        self._pool = PinnedPool(self.pinned)
 
     def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
@@ -102,12 +146,13 @@ class HostBank(CenterBank):
                 if not self.pinned:
                     self._read(src, rows, out)
                     return None
-                host = torch.empty((len(rows), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
+                host, buf = self._pool.take((len(rows), *src.shape[1:]), src.dtype)
                 self._read(src, rows, host)
                 with torch.cuda.stream(self._stream):
                     out.copy_(host, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._stream)
+                self._pool.lend(buf, lambda: not event.query())
                 return event
             finally:
                 self.lane["gather_s"] += time.perf_counter() - t0
@@ -148,13 +193,11 @@ class HostBank(CenterBank):
         buffers are reused at once); later gathers of these rows wait behind it."""
         rows = rows.clone()
         event = None
+        host, buf = self._pool.take(tuple(values.shape), values.dtype)
+        host.copy_(values, non_blocking=self.pinned)
         if self.pinned:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:
-            host = values.clone()
 
         def job():
             t0 = time.perf_counter()
@@ -166,12 +209,13 @@ class HostBank(CenterBank):
                 self.lane["write_s"] += time.perf_counter() - t0
                 self.lane["write_bytes"] += host.numel() * host.element_size()
 
-        self._submit(job)
+        done = self._submit(job)
+        self._pool.lend(buf, lambda: not done.done())
 
     def nbytes(self) -> dict[str, int]:
         self.flush()
         out = super().nbytes()
-        out["staging"] += self._device_ws.nbytes()
+        out["staging"] += self._device_ws.nbytes() + self._pool.nbytes()
         return out
 
 
@@ -201,8 +245,9 @@ _WINDOW_BYTES = 64 * 2**20
 class DiskBank(HostBank):
     """A ``HostBank`` whose tensors are files in ``path`` (one per tensor and rank).
 
-    ``path`` is scratch space of this run: the files start over when a bank is built, and a
-    checkpoint copies them like any other bank's rows.
+    ``path`` is scratch space of this run: the files start over when a bank is built. A
+    checkpoint is a copy of them (``file_rows``), and a load or reshard copies row ranges of
+    a checkpoint's files into them, so neither brings the bank through memory.
 
     The centres are drawn chunk by chunk into the weight file at construction (the same values
     as every other bank: ``init_centres`` is per block of global rows), releasing each chunk's
@@ -302,37 +347,32 @@ class DiskBank(HostBank):
         """The file holding tensor ``name`` (``weight`` or a row state)."""
         return self.path / f"{self.prefix}.{name}.bin"
 
-    def copy_rows_in(
-        self, name: str, src: str | os.PathLike, src_row: int, dst_row: int, rows: int
-    ) -> None:
-        """Rows ``src_row:src_row + rows`` of a raw row-major file into ``dst_row`` on: a
-        kernel-side byte-range copy (a reflink where the file system shares extents), so
-        loading or resharding never brings the rows through this process."""
+    def file_rows(self) -> dict[str, FileRows]:
+        """Every tensor as its whole file: a checkpoint copies these instead of the rows."""
         self.flush()
-        target = self.weight if name == "weight" else self.ensure_state(name)
-        row = (target[0].numel() if target.dim() > 1 else 1) * target.element_size()
-        _copy_range(Path(src), self.file_of(name), src_row * row, dst_row * row, rows * row)
-        self._release(target, dst_row, dst_row + rows)
+        tensors = {"weight": self.weight, **self.states}
+        return {
+            name: FileRows(tuple(t.shape), t.dtype, ((self.file_of(name), 0, 0, t.shape[0]),))
+            for name, t in tensors.items()
+        }
 
-    def copy_out(self, name: str, dst: str | os.PathLike) -> None:
-        """The whole tensor ``name`` as a raw row-major file (a checkpoint's row file)."""
-        self.flush()
-        src = self.file_of(name)
-        _copy_range(src, Path(dst), 0, 0, src.stat().st_size, truncate=True)
-
-
-def _copy_range(
-    src: Path, dst: Path, src_off: int, dst_off: int, count: int, *, truncate: bool = False
-) -> None:
-    """``count`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off`` in the kernel."""
-    with open(src, "rb") as fi, open(dst, "r+b" if dst.exists() and not truncate else "w+b") as fo:
-        if truncate:
-            fo.truncate(count)
-        done = 0
-        while done < count:
-            n = os.copy_file_range(
-                fi.fileno(), fo.fileno(), count - done, src_off + done, dst_off + done
-            )
-            if n == 0:
-                raise OSError(f"{src}: {count - done} bytes short at offset {src_off + done}")
-            done += n
+    def _load_rows(self, name: str, target: torch.Tensor, value: torch.Tensor | FileRows) -> None:
+        """Rows in files of this bank's dtype are copied in the kernel, window by window of
+        the target; anything else (a tensor, another dtype) is read a chunk at a time."""
+        b = target[0].numel() * target.element_size()
+        per = max(1, _WINDOW_BYTES // b)
+        if isinstance(value, torch.Tensor):
+            for r0 in range(0, target.shape[0], per):
+                r1 = min(target.shape[0], r0 + per)
+                target[r0:r1].copy_(value[r0:r1])
+                self._release(target, r0, r1)
+            return
+        if value.dtype != target.dtype:
+            value.read_into(target, lambda r0, r1: self._release(target, r0, r1))
+            return
+        with open(self.file_of(name), "r+b") as fo:
+            for path, src_row, dst_row, rows in value.pieces:
+                for k in range(0, rows, per):
+                    n = min(per, rows - k)
+                    copy_range(path, fo, (src_row + k) * b, (dst_row + k) * b, n * b)
+                    self._release(target, dst_row + k, dst_row + k + n)

@@ -73,7 +73,7 @@ def reshard_shard(
     is in every overlapping source, otherwise missing rows are zeros, which is what an optimizer
     holds for a row never updated.
     """
-    start, num = shard_range(num_classes, dst_world, dst_rank)
+    _, num = shard_range(num_classes, dst_world, dst_rank)
     pieces = [
         (load(src), src_rows, dst_rows)
         for src, src_rows, dst_rows in overlaps(num_classes, src_world, dst_world, dst_rank)
@@ -92,6 +92,26 @@ def reshard_shard(
         for name, out in states.items():
             if out is not None and shard.get(name) is not None:
                 out[dst_rows] = shard[name][src_rows].to(out.dtype)
+    return {
+        "weight": weight,
+        **states,
+        **shard_header(first, num_classes, embedding_size, src_world, dst_world, dst_rank, seed),
+    }
+
+
+def shard_header(
+    first: Shard,
+    num_classes: int,
+    embedding_size: int,
+    src_world: int,
+    dst_world: int,
+    dst_rank: int,
+    seed: int,
+) -> Shard:
+    """The non-row keys of ``dst_rank``'s shard: sampler RNG (kept when the world size is,
+    re-seeded otherwise), the optional rounding RNG, and the sharding meta. ``first`` is the
+    first overlapping source shard."""
+    start, num = shard_range(num_classes, dst_world, dst_rank)
     extra = {}
     if src_world == dst_world:
         rng = first["rng"].clone()
@@ -107,7 +127,7 @@ def reshard_shard(
         "num_local": num,
         "embedding_size": embedding_size,
     }
-    return {"weight": weight, **states, "rng": rng, "meta": meta, **extra}
+    return {"rng": rng, "meta": meta, **extra}
 
 
 def reshard(shards: Sequence[Shard], dst_world: int, *, seed: int = 0) -> list[Shard]:

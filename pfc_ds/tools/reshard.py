@@ -7,7 +7,8 @@
 folder of such files. ``--world-size N`` writes ``N`` shards in the same naming into ``DST``;
 a trainer resumed at ``N`` ranks would do the same by itself, so the tool is for inspection,
 export and moving a head into another job. ``--consolidate`` writes one file holding the full
-``weight`` (and ``momentum``) in global class order. Every row keeps its weight and momentum;
+``weight`` (and ``momentum``) in global class order. A reshard copies row ranges between the
+raw row files in the kernel, so it never holds a shard in memory. Every row keeps its weight and momentum;
 see ``pfc_ds.head.reshard`` for how the sampler RNG is re-seeded.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from pfc_ds.head.reshard import consolidate, reshard, shard_meta
 from pfc_ds.train.shard_files import (
     atomic_save,
+    file_shard,
     find_shards,
     load_shard,
     save_shard,
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the new sampler RNGs")
     args = p.parse_args(argv)
 
-    shards = [load_shard(f) for f in find_shards(args.src)]
+    paths = find_shards(args.src)
+    shards = [load_shard(f) for f in paths]  # memory-mapped: nothing is read yet
     num_classes, emb, world = shard_meta(shards)
     if args.consolidate:
         full = consolidate(shards)
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--world-size must be in [1, {num_classes}], got {args.world_size}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for rank, shard in enumerate(reshard(shards, args.world_size, seed=args.seed)):
+    for rank in range(args.world_size):
+        # Rows go file to file, a row range at a time; older single-.pt shards through memory.
+        shard = file_shard(paths, args.world_size, rank, seed=args.seed)
+        if shard is None:
+            shard = reshard(shards, args.world_size, seed=args.seed)[rank]
         save_shard(shard, out / shard_name(rank, args.world_size))
     print(f"wrote {args.world_size} shard(s) of {num_classes} classes x {emb} to {out}")
     return 0

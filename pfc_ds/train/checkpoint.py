@@ -43,6 +43,7 @@ from pfc_ds.head.reshard import reshard_shard
 from pfc_ds.train import integrity
 from pfc_ds.train.shard_files import (
     atomic_save,
+    file_shard,
     find_shards,
     load_shard,
     save_shard,
@@ -232,7 +233,8 @@ def save(
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         shard = folder / shard_name(rank, world)
         hooks.before(shard)
-        for path in save_shard(head.state_dict(), shard):  # rows streamed, no copy
+        state = {**head.state_dict(), **head.bank.file_rows()}  # a disk bank's files are copied
+        for path in save_shard(state, shard):  # rows streamed, no copy in memory
             written.append(path)
             hooks.after(path)
         state_path = folder / f"trainer_state_{rank:05d}.pt"
@@ -356,24 +358,28 @@ def set_aside(folder: Path) -> Path:
 
 
 def load_head(head, folder: Path, meta: dict[str, Any], *, seed: int) -> None:
-    """Load this rank's head shard, resharding exactly if the world size changed."""
+    """Load this rank's head shard, resharding exactly if the world size changed. The rows go
+    from the checkpoint's files into the bank a chunk at a time (file to file for a disk bank),
+    never as a whole shard in memory."""
     world, rank = collectives.world(None)
     paths = find_shards(folder)
     src_world = len(paths)
-    if src_world == world:
-        head.load_state_dict(load_shard(paths[rank]))
-        return
-    shard = reshard_shard(
-        lambda r: load_shard(paths[r]),
-        num_classes=meta["num_classes"],
-        embedding_size=meta["embedding_size"],
-        src_world=src_world,
-        dst_world=world,
-        dst_rank=rank,
-        seed=seed,
-    )
+    shard = file_shard(paths, world, rank, seed=seed)
+    if shard is None:  # an older single-.pt shard
+        if src_world == world:
+            shard = load_shard(paths[rank])
+        else:
+            shard = reshard_shard(
+                lambda r: load_shard(paths[r]),
+                num_classes=meta["num_classes"],
+                embedding_size=meta["embedding_size"],
+                src_world=src_world,
+                dst_world=world,
+                dst_rank=rank,
+                seed=seed,
+            )
     head.load_state_dict(shard)
-    if rank == 0:
+    if rank == 0 and src_world != world:
         log.info("resharded the head from %d to %d ranks (sampler RNG re-seeded)", src_world, world)
 
 

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from pfc_ds.head.bank import ROW_STATES
+from pfc_ds.head.reshard import shard_header
+from pfc_ds.head.row_files import FileRows
+from pfc_ds.head.sharding import overlaps, shard_range
 
 SHARD_RE = re.compile(r"head_shard_(\d+)_of_(\d+)\.pt$")
 RAW_KEY = "__raw_rows__"
@@ -86,17 +89,21 @@ def _stream(t: torch.Tensor, f) -> None:
 
 
 def save_shard(state: dict, path: str | os.PathLike) -> list[Path]:
-    """Write a head shard atomically: row tensors streamed to raw files, then the ``.pt``; every
-    file fsynced. Returns the files written (raw files first)."""
+    """Write a head shard atomically: row tensors streamed to raw files (rows already in files,
+    ``FileRows``, copied file to file), then the ``.pt``; every file fsynced. Returns the files
+    written (raw files first)."""
     path = Path(path)
     small, raws = {}, []
     for key, value in state.items():
-        if key in ROW_KEYS and isinstance(value, torch.Tensor):
+        if key in ROW_KEYS and isinstance(value, (torch.Tensor, FileRows)):
             raw = _raw_path(path, key)
             tmp = raw.with_name(raw.name + ".tmp")
-            with open(tmp, "wb") as f:
-                _stream(value.detach(), f)
-                f.flush()
+            if isinstance(value, FileRows):  # already in files: copy, never read
+                value.write_file(tmp)
+            else:
+                with open(tmp, "wb") as f:
+                    _stream(value.detach(), f)
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             raws.append((tmp, raw))
             small[key] = {RAW_KEY: raw.name, "dtype": str(value.dtype), "shape": list(value.shape)}
@@ -118,13 +125,55 @@ def load_shard(path: str | os.PathLike) -> dict:
     return state
 
 
-def _map_raw(raw: Path, ref: dict) -> torch.Tensor:
+def file_shard(paths: list[Path], dst_world: int, dst_rank: int, *, seed: int) -> dict | None:
+    """``dst_rank``'s shard of a ``dst_world`` split with its rows left in the source files
+    (``FileRows``): loading it reads a chunk at a time, or copies file to file into a disk
+    bank, and saving it copies row ranges, so a reshard never holds a shard in memory.
+    ``None`` for shards of the single-``.pt`` format (use ``reshard_shard`` on ``load_shard``)."""
+    first = None
+    meta = torch.load(paths[0], map_location="cpu", mmap=True, weights_only=True)["meta"]
+    num_classes, emb = meta["num_classes"], meta["embedding_size"]
+    _, num = shard_range(num_classes, dst_world, dst_rank)
+    rows: dict[str, list] = {}
+    refs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for src, src_rows, dst_rows in overlaps(num_classes, len(paths), dst_world, dst_rank):
+        small = torch.load(paths[src], map_location="cpu", mmap=True, weights_only=True)
+        first = small if first is None else first
+        for key in ROW_KEYS:
+            ref = small.get(key)
+            if isinstance(ref, torch.Tensor):
+                return None  # rows inside the .pt
+            if ref is None:
+                continue
+            raw = paths[src].with_name(ref[RAW_KEY])
+            dtype, shape = _check_raw(raw, ref)
+            if refs.setdefault(key, (dtype, shape[1:]))[0] != dtype:
+                raise ValueError(f"{raw}: {dtype} rows, other shards hold {refs[key][0]}")
+            n = src_rows.stop - src_rows.start
+            rows.setdefault(key, []).append((raw, src_rows.start, dst_rows.start, n))
+    if "weight" not in rows:
+        raise ValueError(f"{paths[0].parent}: head shards without a weight")
+    out = {
+        key: FileRows((num, *refs[key][1]), refs[key][0], tuple(pieces))
+        for key, pieces in rows.items()
+    }
+    out.setdefault("momentum", None)
+    header = shard_header(first, num_classes, emb, len(paths), dst_world, dst_rank, seed)
+    return {**out, **header}
+
+
+def _check_raw(raw: Path, ref: dict) -> tuple[torch.dtype, tuple[int, ...]]:
     dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
     shape = tuple(ref["shape"])
     want = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     have = raw.stat().st_size if raw.is_file() else -1
     if have != want:
         raise ValueError(f"{raw}: {have} bytes, expected {want} for {ref['dtype']} {list(shape)}")
+    return dtype, shape
+
+
+def _map_raw(raw: Path, ref: dict) -> torch.Tensor:
+    dtype, shape = _check_raw(raw, ref)
     arr = np.memmap(raw, dtype=_NUMPY[dtype], mode="c", shape=shape)  # copy-on-write map
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
