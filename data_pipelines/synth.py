@@ -5,18 +5,28 @@ per-identity geometry, colours and shading); its images are perturbed views (ran
 shift, brightness, noise, flip). Identities differ far more than views of one identity do, so a
 model can learn them: the demo's loss falls and its verification accuracy rises, with real JPEG
 decode cost and no download.
+
+Label noise for robustness experiments (``data_pipelines.noise`` has the exact rules):
+``--conflict P`` splits a fraction P of identities under two labels, ``--flip P`` gives exactly
+``round(P * images)`` images a wrong label, ``--long-tail ALPHA`` gives identity ``i``
+``max(2, floor(per_id * (i + 1) ** -ALPHA + 0.5))`` images. A noisy set also gets
+``OUT_PREFIX_conflicts.csv``, ``OUT_PREFIX_flips.csv``, ``OUT_PREFIX_noise.json`` and a clean
+held-out ``OUT_PREFIX_heldout.bin`` of identities it never shows (``data_pipelines.heldout``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .insightface import IMAGE_SIZE, write_dataset
+from .insightface import IMAGE_SIZE, split_prefix, write_dataset
 from .jpeg import encode_jpeg
+from .noise import HELDOUT_FIRST, Plan, make_plan
 from .pool import mapper
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
@@ -90,21 +100,86 @@ def generate(
     workers: int | None = None,
     shuffle: bool = True,
     progress: bool = False,
-) -> None:
-    """Write ``ids * per_id`` images in insightface layout (shuffled order unless ``shuffle``)."""
+    conflict: float = 0.0,
+    flip: float = 0.0,
+    long_tail: float = 0.0,
+) -> Plan:
+    """Write the images of ``make_plan(ids, per_id, ...)`` in insightface layout and return the
+    plan: ``ids * per_id`` clean images in shuffled order by default; ``conflict``, ``flip`` and
+    ``long_tail`` plant label noise (``data_pipelines.noise``). ``shuffle=False`` groups the
+    images by identity, which only a clean set can do."""
+    if ids >= HELDOUT_FIRST:
+        raise ValueError(f"--ids must be < {HELDOUT_FIRST} (held-out identities start there)")
+    plan = make_plan(ids, per_id, conflict=conflict, flip=flip, long_tail=long_tail, seed=seed)
+    noisy = bool(plan.num_labels != ids or plan.flipped.size or long_tail)
+    if not shuffle and noisy:
+        raise ValueError("--sorted cannot be combined with --conflict, --flip or --long-tail")
     workers = workers or min(os.cpu_count() or 1, 8)
-    jobs = [(i, per_id, seed) for i in range(ids)]
+    jobs = [(i, int(n), seed) for i, n in enumerate(plan.counts)]
     with mapper(workers) as pmap:
         done = pmap(_encode_identity, jobs, chunksize=max(1, ids // (workers * 8)))
         jpegs = list(tqdm(done, total=ids, desc="encode", unit="id", disable=not progress))
-    items = [(c, j) for c, batch in enumerate(jpegs) for j in batch]
-    ranges = None
     if shuffle:
-        order = np.random.default_rng(seed).permutation(len(items))
-        items = [items[i] for i in order]
+        items = [
+            (lab, jpegs[i][v])
+            for lab, i, v in zip(
+                plan.label.tolist(), plan.identity.tolist(), plan.view.tolist(), strict=True
+            )
+        ]
+        ranges = None
     else:
+        items = [(c, j) for c, batch in enumerate(jpegs) for j in batch]
         ranges = [(1 + c * per_id, 1 + (c + 1) * per_id) for c in range(ids)]
-    write_dataset(prefix, items, num_images=len(items), num_classes=ids, identity_ranges=ranges)
+    write_dataset(
+        prefix, items, num_images=len(items), num_classes=plan.num_labels, identity_ranges=ranges
+    )
+    return plan
+
+
+def write_sidecars(prefix: str, plan: Plan, *, seed: int, heldout_pairs: int) -> list[Path]:
+    """Next to ``PREFIX.rec``: ``PREFIX_conflicts.csv`` (label_a,label_b: one identity under two
+    labels), ``PREFIX_flips.csv`` (record,true_label,label: record = the .rec key),
+    ``PREFIX_noise.json`` (the plan's sizes) and, for ``heldout_pairs > 0``,
+    ``PREFIX_heldout.bin`` (clean pairs of identities never trained on)."""
+    from .heldout import heldout_pairs as pairs
+    from .heldout import write_bin
+
+    prefix = split_prefix(prefix)
+    out = [Path(f"{prefix}_conflicts.csv"), Path(f"{prefix}_flips.csv")]
+    _write_csv(out[0], "label_a,label_b", plan.conflicts.tolist())
+    rows = zip(
+        (plan.flipped + 1).tolist(),
+        plan.clean_label[plan.flipped].tolist(),
+        plan.label[plan.flipped].tolist(),
+        strict=True,
+    )
+    _write_csv(out[1], "record,true_label,label", rows)
+    summary = {
+        "identities": int(plan.counts.size),
+        "labels": plan.num_labels,
+        "images": plan.num_images,
+        "conflicts": len(plan.conflicts),
+        "flipped": int(plan.flipped.size),
+        "images_per_identity": {
+            "max": int(plan.counts.max()),
+            "min": int(plan.counts.min()),
+            "mean": float(plan.counts.mean()),
+        },
+        "seed": seed,
+        "heldout_pairs": heldout_pairs,
+    }
+    out.append(Path(f"{prefix}_noise.json"))
+    out[-1].write_text(json.dumps(summary, indent=1) + "\n")
+    if heldout_pairs > 0:
+        images, issame, _ = pairs(heldout_pairs, seed=seed)
+        out.append(write_bin(f"{prefix}_heldout.bin", images, issame))
+    return out
+
+
+def _write_csv(path: Path, header: str, rows) -> None:
+    with open(path, "w") as f:
+        f.write(header + "\n")
+        f.writelines(",".join(map(str, row)) + "\n" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,23 +188,56 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("out_prefix", help="writes OUT_PREFIX.rec, OUT_PREFIX.idx and a property file")
     ap.add_argument("--ids", type=int, default=1000)
-    ap.add_argument("--per-id", type=int, default=20)
+    ap.add_argument(
+        "--per-id", type=int, default=20, help="images per identity (--long-tail: the head's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument(
         "--sorted", action="store_true", help="group images by identity (insightface order)"
     )
+    ap.add_argument(
+        "--conflict", type=float, default=0.0, metavar="P",
+        help="split this fraction of identities under two labels (inter-class conflict)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--flip", type=float, default=0.0, metavar="P",
+        help="give exactly round(P * images) images a random wrong label",
+    )  # fmt: skip
+    ap.add_argument(
+        "--long-tail", type=float, default=0.0, metavar="ALPHA",
+        help="identity i gets max(2, floor(per_id * (i + 1) ** -ALPHA + 0.5)) images",
+    )  # fmt: skip
+    ap.add_argument(
+        "--heldout-pairs", type=int, default=None, metavar="N",
+        help="write OUT_PREFIX_heldout.bin with N clean pairs of unseen identities "
+        "(default: 3000 with a noise option, else none)",
+    )  # fmt: skip
     a = ap.parse_args(argv)
-    generate(
-        a.out_prefix,
-        a.ids,
-        a.per_id,
-        seed=a.seed,
-        workers=a.workers,
-        shuffle=not a.sorted,
-        progress=True,
+    noisy = bool(a.conflict or a.flip or a.long_tail)
+    pairs = a.heldout_pairs if a.heldout_pairs is not None else (3000 if noisy else 0)
+    try:
+        plan = generate(
+            a.out_prefix,
+            a.ids,
+            a.per_id,
+            seed=a.seed,
+            workers=a.workers,
+            shuffle=not a.sorted,
+            progress=True,
+            conflict=a.conflict,
+            flip=a.flip,
+            long_tail=a.long_tail,
+        )
+    except ValueError as exc:
+        ap.error(str(exc))
+    print(
+        f"wrote {plan.num_images} images of {a.ids} identities under {plan.num_labels} labels "
+        f"to {a.out_prefix}.rec"
     )
-    print(f"wrote {a.ids * a.per_id} images of {a.ids} identities to {a.out_prefix}.rec")
+    if noisy or pairs:
+        for path in write_sidecars(a.out_prefix, plan, seed=a.seed, heldout_pairs=pairs):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from pfc_ds import phases
 from pfc_ds.head import seeds
 from pfc_ds.train import checkpoint as ckpt
-from pfc_ds.train import peers, preflight
+from pfc_ds.train import peers, preflight, resume
 from pfc_ds.train.checkpoint import CheckpointError
 from pfc_ds.train.config import Config, ConfigError
 from pfc_ds.train.distributed import init_distributed
@@ -190,7 +190,11 @@ class Trainer:
         )
         self.faults = Faults.from_env(self.rank)
         self._agree(preflight.unwritable(self.output), ConfigError)
-        found = self._pick_checkpoint() if self.resume else None
+        found = (
+            resume.pick_checkpoint(self.output, self.rank, self._control_group)
+            if self.resume
+            else None
+        )
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restart and not self.resume and self.rank == 0:
             log.warning(
@@ -222,7 +226,9 @@ class Trainer:
             )
         restore = "none"
         if found is not None:
-            restore = self._plan_restore(found, stage, ds, model)
+            restore = resume.plan_restore(
+                found, stage, ds, model, world_size=self.world_size, optimizer=cfg.optim.name
+            )
         elif cfg.model.pretrained:
             load_pretrained(model, cfg.model.pretrained)
             log.info("fine-tuning from %s with a fresh head", cfg.model.pretrained)
@@ -302,34 +308,6 @@ class Trainer:
         if first is not None:
             raise error(first)
 
-    def _pick_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint whose files verify; damaged ones are set aside."""
-        if self.rank == 0:
-            for folder in ckpt.incomplete(self.output):
-                log.warning("%s has no %s (a save cut short); not resuming it", folder, ckpt.META)
-        found = ckpt.candidates(self.output)
-        for folder, meta in found:
-            problems = ckpt.verify(folder, meta, self._control_group)
-            if not problems:
-                return folder, meta
-            if self.rank == 0:
-                moved = ckpt.set_aside(folder)
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                log.warning(
-                    "checkpoint %s is damaged: %s%s; set aside as %s, trying the previous one",
-                    folder.name,
-                    problems[0],
-                    more,
-                    moved.name,
-                )
-            ckpt.barrier(self._control_group)
-        if found:
-            raise CheckpointError(
-                f"no intact checkpoint in {self.output / ckpt.CHECKPOINTS}: all {len(found)} "
-                f"failed verification (set aside as *{ckpt.DAMAGED})"
-            )
-        return None
-
     def _check_space_for_one_checkpoint(self, found) -> None:
         """Before any step: room for one checkpoint (estimated, or the resumed one's size)."""
         cfg = self.cfg
@@ -403,38 +381,6 @@ class Trainer:
 
     # ---- resume --------------------------------------------------------------------------
 
-    def _plan_restore(self, found, stage: int, ds: dict, model: torch.nn.Module) -> str:
-        """Decide how the engine is restored; may load weights into ``model`` before init."""
-        folder, meta = found
-        if meta["world_size"] == self.world_size and meta["zero_stage"] == stage:
-            return "engine"
-        if meta["zero_stage"] == 0 and stage == 0:
-            return "engine"  # stage-0 checkpoints hold full model and optimizer states
-        if meta["zero_stage"] > 0 and stage > 0 and self.cfg.optim.name == "sgd":
-            # ds_to_universal (0.19.8) only knows Adam's exp_avg/exp_avg_sq state.
-            reason = "DeepSpeed's universal checkpoint cannot convert SGD momentum"
-        elif meta["zero_stage"] > 0 and stage > 0:
-            try:
-                ckpt.make_universal(folder)
-                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-                return "universal"
-            except RuntimeError as exc:  # raised on every rank together
-                reason = f"universal checkpoint conversion failed ({exc})"
-        else:
-            reason = f"ZeRO stage changed {meta['zero_stage']} -> {stage}"
-        log.warning(
-            "resuming a ZeRO-%d checkpoint of %d rank(s) at ZeRO-%d on %d rank(s): %s; the "
-            "backbone weights are restored exactly but its optimizer state (momentum) is "
-            "re-initialised",
-            meta["zero_stage"],
-            meta["world_size"],
-            stage,
-            self.world_size,
-            reason,
-        )
-        model.load_state_dict(ckpt.consolidated_backbone(folder, meta), strict=True)
-        return "weights"
-
     def _restore(self, found, how: str) -> None:
         folder, meta = found
         if how == "engine":
@@ -464,37 +410,16 @@ class Trainer:
             torch.manual_seed(seeds.backbone(self.cfg.train.seed, self.rank, self.step))
         if self.rank == 0:
             log.info("resumed from %s at step %d (%s restore)", folder, self.step, how)
-            self._warn_changed_run(meta, state.get("schedule"))
-
-    def _schedule_state(self) -> dict[str, Any]:
-        s = self.schedule
-        return {"warmup_steps": s.warmup_steps, "total_steps": s.total_steps, "power": s.power}
-
-    def _warn_changed_run(self, meta: dict[str, Any], saved: dict[str, Any] | None) -> None:
-        """A resume that silently changes the LR curve or the global batch is a different run."""
-        if meta.get("global_batch", self.global_batch) != self.global_batch:
-            log.warning(
-                "resume changes the global batch %d -> %d (world size %d -> %d, batch %d x "
-                "accum %d per rank); the LR is not rescaled",
-                meta["global_batch"],
-                self.global_batch,
-                meta["world_size"],
-                self.world_size,
-                self.cfg.train.batch_size,
-                self.cfg.train.grad_accum,
-            )
-        if saved is not None and saved != self._schedule_state():
-            before = PolynomialLRWarmup(**saved).factor(self.step) * self.cfg.optim.lr
-            after = self.schedule.factor(self.step) * self.cfg.optim.lr
-            log.warning(
-                "resume changes the LR schedule %s -> %s (train.max_steps, train.epochs, "
-                "optim.warmup_epochs or the steps per epoch changed): the LR of step %d jumps "
-                "from %.4g to %.4g",
-                saved,
-                self._schedule_state(),
-                self.step + 1,
-                before,
-                after,
+            resume.warn_changed_run(
+                meta,
+                state.get("schedule"),
+                self.schedule,
+                step=self.step,
+                lr=self.cfg.optim.lr,
+                global_batch=self.global_batch,
+                world_size=self.world_size,
+                batch_size=self.cfg.train.batch_size,
+                grad_accum=self.cfg.train.grad_accum,
             )
 
     # ---- loop ----------------------------------------------------------------------------
@@ -793,7 +718,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "data": self.loader.state_dict(),
-            "schedule": self._schedule_state(),
+            "schedule": resume.schedule_state(self.schedule),
             "lr_factor": self._lr_factor,
         }
         self._where = f"in the checkpoint of step {self.step}"

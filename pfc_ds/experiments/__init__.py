@@ -1,0 +1,1 @@
+"""Experiments that run the normal trainer many times and summarise the results."""
