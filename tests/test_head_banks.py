@@ -170,13 +170,16 @@ def test_pinned_pool_reuses_a_buffer_only_once_its_copy_is_done():
     from pfc_ds.head.host_bank import PinnedPool
 
     pool, busy = PinnedPool(pin=False), [True]
-    a, buf_a = pool.take((4, 8), torch.float16)
+    a, buf_a = pool.take((4, 8), torch.float16)  # 64 B
     pool.lend(buf_a, lambda: busy[0])
-    b, buf_b = pool.take((2, 8), torch.float32)  # buf_a is still being copied from
-    assert buf_b.data_ptr() != buf_a.data_ptr() and tuple(b.shape) == (2, 8)
+    b, buf_b = pool.take((4, 8), torch.float32)  # buf_a is still being copied from: 128 B
+    assert buf_b.data_ptr() != buf_a.data_ptr() and tuple(b.shape) == (4, 8)
     pool.lend(buf_b, lambda: False)
     busy[0] = False
-    c, buf_c = pool.take((8,), torch.float32)  # both free: the smallest that fits (64 B)
-    assert buf_c.data_ptr() == buf_a.data_ptr() and c.dtype == torch.float32
+    c, buf_c = pool.take((25,), torch.float32)  # 100 B: only the second free buffer fits
+    assert buf_c.data_ptr() == buf_b.data_ptr() and c.dtype == torch.float32
+    d, buf_d = pool.take((8,), torch.float32)  # 32 B: the 64 B one, free again
+    assert buf_d.data_ptr() == buf_a.data_ptr() and a.shape == (4, 8)
     pool.lend(buf_c, lambda: False)
-    assert pool.nbytes() == 64 + 64 and a.shape == (4, 8)
+    pool.lend(buf_d, lambda: False)
+    assert pool.nbytes() == 64 + 128

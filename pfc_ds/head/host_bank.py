@@ -64,12 +64,11 @@ class PinnedPool:
             for buf, busy in self._busy:
                 (still.append((buf, busy)) if busy() else self._free.append(buf))
             self._busy = still
-            fits = [b for b in self._free if b.numel() >= need]
-            buf = min(fits, key=torch.Tensor.numel) if fits else None
-            if buf is None:
-                buf = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= need]
+            if fits:  # the smallest that fits (by index: ``==`` on tensors compares values)
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             else:
-                self._free.remove(buf)
+                buf = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
         return buf[:need].view(dtype).view(shape), buf
 
     def lend(self, buf: torch.Tensor, busy) -> None:
