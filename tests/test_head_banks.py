@@ -179,7 +179,7 @@ def test_pinned_pool_reuses_a_buffer_only_once_its_copy_is_done():
     c, buf_c = pool.take((25,), torch.float32)  # 100 B: only the second free buffer fits
     assert buf_c.data_ptr() == buf_b.data_ptr() and c.dtype == torch.float32
     d, buf_d = pool.take((8,), torch.float32)  # 32 B: the 64 B one, free again
-    assert buf_d.data_ptr() == buf_a.data_ptr() and a.shape == (4, 8)
+    assert buf_d.data_ptr() == buf_a.data_ptr() and d.shape == (8,) and a.shape == (4, 8)
     pool.lend(buf_c, lambda: False)
     pool.lend(buf_d, lambda: False)
     assert pool.nbytes() == 64 + 128
