@@ -183,3 +183,5 @@ def test_pinned_pool_reuses_a_buffer_only_once_its_copy_is_done():
     pool.lend(buf_c, lambda: False)
     pool.lend(buf_d, lambda: False)
     assert pool.nbytes() == 64 + 128
+    empty, _ = pool.take((0, 8), torch.float32)  # a block without rows
+    assert empty.shape == (0, 8)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     n = len(values)
     mean = sum(values) / n
@@ -30,8 +30,8 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for noise, rate in sorted(groups, key=lambda k: (noises.index(k[0]), -k[1])):
         group = groups[(noise, rate)]
-        acc, acc_std = _mean_std([r["accuracy"] for r in group])
-        tar, tar_std = _mean_std([r["tar_at_far"] for r in group])
+        acc, acc_std = mean_std([r["accuracy"] for r in group])
+        tar, tar_std = mean_std([r["tar_at_far"] for r in group])
         rows.append(
             {
                 "noise": noise,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfc_ds.experiments.report import _mean_std
+from pfc_ds.experiments.report import mean_std
 from pfc_ds.tools.find_conflicts import (
     find_conflicts,
     open_bank,
@@ -103,7 +103,7 @@ def table(records: Sequence[dict[str, Any]], thresholds: Sequence[float]) -> str
     for (noise, rate), rs in sorted(groups.items(), key=lambda g: (g[0][0], -g[0][1])):
         cells = []
         for k in keys:
-            m, s = _mean_std([r[k] for r in rs])
+            m, s = mean_std([r[k] for r in rs])
             cells.append(f"{m:.3f} ± {s:.3f}")
         lines.append(f"| {noise} | {rate:g} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ the bank.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -58,7 +59,7 @@ class PinnedPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``shape``/``dtype`` view of a free buffer, and the buffer (for ``lend``)."""
-        need = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
+        need = math.prod(shape) * dtype.itemsize
         with self._lock:
             still = []
             for buf, busy in self._busy:
@@ -68,7 +69,7 @@ class PinnedPool:
             if fits:  # the smallest that fits (by index: ``==`` on tensors compares values)
                 buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             else:
-                buf = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
+                buf = torch.empty(max(need, 1), dtype=torch.uint8, pin_memory=self.pin)
         return buf[:need].view(dtype).view(shape), buf
 
     def lend(self, buf: torch.Tensor, busy) -> None:

@@ -10,6 +10,7 @@ whole shard in memory.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,7 @@ class FileRows:
 
     @property
     def row_bytes(self) -> int:
-        numel = 1
-        for n in self.shape[1:]:
-            numel *= n
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
     def covers_all(self) -> bool:
         return sum(p[3] for p in self.pieces) == self.shape[0]
@@ -64,8 +62,8 @@ class FileRows:
         sparse hole) where no piece covers."""
         with open(dst, "w+b") as fo:
             fo.truncate(self.shape[0] * self.row_bytes)
+            b = self.row_bytes
             for path, src_row, dst_row, rows in self.pieces:
-                b = self.row_bytes
                 copy_range(path, fo, src_row * b, dst_row * b, rows * b)
 
 
