@@ -2,17 +2,20 @@
 
 The default, because it is the only way to shuffle an identity-sorted shipped ``.rec`` globally
 (DALI 2.4's readers shuffle through a buffer) and to resume in O(1) at any world size.
+
+The JPEG bytes are read ahead on a background thread (``Feeder``), not in DALI's callback on the
+training thread, and one pipeline serves every epoch: the feeder's stream runs on into the next
+epoch, so only a jump (a resume, a reset mid-epoch, a DALI error) rebuilds it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from .augment import draw_params
 from .config import DataConfig
+from .feeder import Feeder
 from .jpeg import decode_error, image_size
 from .loader import Loader, start_pipeline, to_torch
 from .sources import DataError, FolderDataset, RecDataset, mismatch_message
@@ -28,41 +31,44 @@ class ExternalLoader(Loader):
         self.label_map_path = dataset.label_map_path
         self.plan = self._shard_plan()
         self._pipe = None
+        self._feeder: Feeder | None = None
+        self._stream: tuple[int, int, int] | None = None  # (epoch, start, step) DALI yields next
 
     def _steps_from(self, start: int) -> int:
         return self.plan.steps(start)
 
     def _open_epoch(self) -> None:
-        self._indices, self._valid = self.plan.rank_batches(self.epoch, self._start)
-        self._fed = 0
-        self._pipe = start_pipeline(self, feed=self._feed, reader=None)
-
-    def _feed(self) -> list[np.ndarray]:
-        k = self._fed
-        if k >= len(self._indices):
-            raise StopIteration
-        self._fed += 1
-        idx = self._indices[k]
-        key = [self.seed, self.epoch, self.plan.first_position(self._start, k)]
-        params = draw_params(key, self.batch_size, self.cfg.dali_aug, self.cfg.mirror)
-        jpegs = [self.dataset.read(i) for i in idx]
-        return [jpegs, self.dataset.labels[idx], *params]
+        if self._pipe is not None and self._stream == (self.epoch, self._start, self._step):
+            return  # the running stream is already here: the previous epoch ran to its end
+        self._shutdown()
+        self._feeder = Feeder(
+            self.plan, self.dataset.read, self.dataset.labels, epoch=self.epoch,
+            start=self._start, seed=self.seed, aug=self.cfg.dali_aug, mirror=self.cfg.mirror,
+            depth=self.cfg.prefetch + 2,
+        )  # fmt: skip
+        self._pipe = start_pipeline(self, feed=self._feeder.take, reader=None)
+        self._stream = (self.epoch, self._start, self._step)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         try:
             images, labels = self._pipe.run()
         except RuntimeError as exc:
             message = self._diagnose(self._step)
-            self._close()  # the pipeline is dead after a DALI error; reopen on the next call
+            self._shutdown()  # the pipeline is dead after a DALI error; rebuilt on the next call
             raise DataError(message) from exc
-        return (*to_torch(images, labels, self.device), int(self._valid[self._step]))
+        epoch, start, step = self._stream
+        valid = self.plan.valid(start, step)
+        step += 1
+        self._stream = (epoch, start, step) if step < self.plan.steps(start) else (epoch + 1, 0, 0)
+        return (*to_torch(images, labels, self.device), valid)
 
     def _diagnose(self, step: int) -> str:
         """Name the undecodable or mismatched samples near ``step`` (DALI's error does not)."""
         bad, odd = [], []
         side = self.cfg.image_size
-        for k in range(step, min(step + self.cfg.prefetch + 1, len(self._indices))):
-            for i in self._indices[k]:
+        indices, _ = self.plan.rank_batches(self.epoch, self._start)
+        for k in range(step, min(step + self.cfg.prefetch + 1, len(indices))):
+            for i in indices[k]:
                 data = self.dataset.read(i)
                 why = decode_error(data)
                 if why:
@@ -82,6 +88,8 @@ class ExternalLoader(Loader):
             return mismatch_message(self.dataset.path, where, odd[0], side)
         return f"{self.dataset.path}: DALI failed on {where}; see the chained error"
 
-    def _close(self) -> None:
-        self._pipe = None
-        super()._close()
+    def _shutdown(self) -> None:
+        """Stop the stream: the feeder's thread and the pipeline."""
+        if self._feeder is not None:
+            self._feeder.close()
+        self._feeder = self._pipe = self._stream = None

@@ -68,6 +68,12 @@ class ShardPlan:
         valid = np.clip(self.num_images - pos[:, 0], 0, self.batch_size)
         return indices, valid
 
+    def valid(self, start: int, step: int) -> int:
+        """How many of ``step``'s samples (from ``start``) are new this epoch (``rank_batches``'
+        ``valid`` for one step, without the epoch's order)."""
+        first = start + step * self.global_batch + self.rank * self.batch_size
+        return int(np.clip(self.num_images - first, 0, self.batch_size))
+
     def first_position(self, start: int, step: int) -> int:
         """Global order position of this rank's first sample in ``step`` (keys augment RNG)."""
         return start + step * self.global_batch + self.rank * self.batch_size

@@ -336,3 +336,43 @@ def test_num_classes_above_the_data_sets_count_warns_naming_both(
             device="cpu",
         )
     assert "num_classes" not in caplog.text
+
+
+def test_external_reader_reads_off_the_training_thread_with_one_pipeline(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The JPEG bytes are read by the feeder thread, and one DALI pipeline serves every epoch
+    (the stream runs on into the next); a resume mid-epoch rebuilds it at the saved position."""
+    import threading
+
+    from data_pipelines import external, sources
+
+    make_insightface(tmp_path / "train", 40, per_id=4, shuffle=True)
+    cfg = _cfg(tmp_path / "train", tmp_path, last_batch="pad")
+    readers: set[str] = set()
+    read = sources.RecDataset.read
+
+    def spy(self, i):
+        readers.add(threading.current_thread().name)
+        return read(self, i)
+
+    builds = []
+    start = external.start_pipeline
+    monkeypatch.setattr(sources.RecDataset, "read", spy)
+    monkeypatch.setattr(
+        external, "start_pipeline", lambda *a, **k: builds.append(1) or start(*a, **k)
+    )
+    loader = build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cpu")
+    epochs = [_epoch(loader) for _ in range(3)]
+    assert len(builds) == 1 and readers == {"pfc-feeder"}
+    fresh = [_epoch(build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cpu"))]
+    assert [b.tolist() for b in epochs[0][0]] == [b.tolist() for b in fresh[0][0]]
+    assert [b.tolist() for b in epochs[1][0]] != [b.tolist() for b in epochs[0][0]]  # reshuffled
+
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    after = decode_ids(next(it)[0])
+    resumed = build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cpu")
+    resumed.load_state_dict(state)
+    assert decode_ids(next(iter(resumed))[0]).tolist() == after.tolist()

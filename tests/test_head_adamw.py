@@ -35,7 +35,7 @@ def test_rows_sampled_every_step_follow_torch_adamw(rate):
     ref_opt = torch.optim.AdamW([ref], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     for emb, lab in _batches(6, labels):
         head(emb, lab).backward()
-        p = head.pending[0]
+        p = head.window
         ref.grad = p.grad[torch.searchsorted(p.index, rows)].clone()
         assert bool(opt.step())
         ref_opt.step()
@@ -52,7 +52,7 @@ def test_unsampled_rows_and_their_moments_stay_bit_identical():
     before = {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
     emb, labels = next(_batches(1))
     head(emb, labels).backward()
-    index = head.pending[0].index
+    index = head.window.index
     opt.step()
     untouched = torch.ones(C, dtype=torch.bool)
     untouched[index] = False
@@ -70,7 +70,7 @@ def test_nonfinite_gradient_changes_nothing():
     opt.step()
     before = {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
     head(emb, labels).backward()
-    head.pending[0].grad[0, 0] = float("nan")
+    head.window.grad[0, 0] = float("nan")
     assert not bool(opt.step())
     after = head.state_dict()
     for key in ("weight", "exp_avg", "exp_avg_sq", "steps"):

@@ -24,11 +24,13 @@ def _head_run(bank: str, dtype: torch.dtype, opt: str, prefetch: bool, path, acc
     o = pfc_ds.SparseSGD(head, 0.5, 0.9, 5e-4) if sgd else pfc_ds.SparseAdamW(head, 0.01)
     g = torch.Generator().manual_seed(1)
     for _ in range(8):
-        for _ in range(accum):
-            emb = torch.randn(12, 16, generator=g, requires_grad=True)
-            labels = torch.randint(0, 500, (12,), generator=g)
-            if prefetch:
-                head.prefetch(labels)
+        micro = [
+            (torch.randn(12, 16, generator=g, requires_grad=True), torch.randint(0, 500, (12,), generator=g))
+            for _ in range(accum)
+        ]  # fmt: skip
+        if prefetch or accum > 1:
+            head.prefetch([labels for _, labels in micro])
+        for emb, labels in micro:
             head(emb, labels).backward()
         o.step()
         o.zero_grad()
@@ -192,3 +194,19 @@ def test_pinned_pool_reuses_a_buffer_only_once_its_copy_is_done():
     assert pool.nbytes() == 64 + 128
     empty, _ = pool.take((0, 8), torch.float32)  # a block without rows
     assert empty.shape == (0, 8)
+
+
+@pytest.mark.parametrize("bank", ["device", "host", "disk"])
+def test_bank_flags_any_non_finite_value_written_and_a_load_clears_it(tmp_path, bank):
+    """A save reads the flag, not the bank (for a disk bank that would read every page)."""
+    head = _new_head(bank, torch.float16, tmp_path)
+    assert bool(head.bank.all_finite())
+    head.bank.ensure_state("momentum")
+    ok = torch.ones(2, 16)
+    head.bank.apply_update(torch.tensor([3, 4]), ok, ok)
+    assert bool(head.bank.all_finite())
+    head.bank.write_state("momentum", torch.tensor([7]), torch.full((1, 16), float("inf")))
+    assert not bool(head.bank.all_finite())
+    head.load_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v
+                          for k, v in _new_head("device", torch.float16, tmp_path / "x").state_dict().items()})  # fmt: skip
+    assert bool(head.bank.all_finite())

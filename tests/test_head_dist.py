@@ -96,7 +96,7 @@ def sampled_rank(rank, world_size):
     loss = head(torch.randn(6, D, generator=g), labels)
     return {
         "labels": labels,
-        "index": head.pending[0].index + head.class_start,
+        "index": head.window.index + head.class_start,
         "loss": loss.item(),
     }
 

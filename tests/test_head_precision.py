@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import pfc_ds
-from pfc_ds.head.bank import round_to_bf16
 
 C, D, B, STEPS = 64, 32, 64, 200
 
@@ -52,32 +51,6 @@ def test_low_precision_storage_within_2_percent(fp32_loss, dtype, momentum_dtype
     assert abs(final - fp32_loss) / fp32_loss < 0.02, (final, fp32_loss)
 
 
-def test_bf16_stochastic_rounding_is_unbiased():
-    x = torch.full((200_000,), 1.0 + 1e-3)  # between bf16 neighbours 1.0 and 1.0078125
-    g = torch.Generator().manual_seed(0)
-    rounded = round_to_bf16(x, g).float()
-    assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
-    assert abs(rounded.mean().item() - (1.0 + 1e-3)) < 2e-5
-    assert x.to(torch.bfloat16).float().mean().item() == 1.0  # nearest rounding loses it
-    exact = torch.tensor([0.5, -2.0, 3.0])
-    assert torch.equal(round_to_bf16(exact, g).float(), exact)
-
-
-def test_fp16_stochastic_rounding_is_unbiased_and_keeps_exact_values():
-    from pfc_ds.head.bank import round_to_fp16
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.full((4000, 50), 1.0 + 2e-4)  # between fp16 neighbours 1.0 and 1.0009765625
-    rounded = round_to_fp16(x, g).float()
-    assert set(rounded.unique().tolist()) == {1.0, 1.0009765625}
-    assert abs(rounded.mean().item() - (1.0 + 2e-4)) < 5e-6
-    neg = round_to_fp16(-x, g).float()
-    assert abs(neg.mean().item() + (1.0 + 2e-4)) < 5e-6
-    exact = torch.tensor([[0.0, -0.5, 3.0, 65504.0, 2.0**-14, 1e-7]])  # 1e-7: fp16 subnormal
-    kept = round_to_fp16(exact.half().float(), g)
-    assert torch.equal(kept, exact.half())
-
-
 def _row_norms_after(dtype, steps=1500, classes=512, dim=32, batch=64):
     """The drift problem: CosFace, lr 0.1, momentum 0.9, wd 5e-4, r = 1. Half the classes
     are never positive, so only weight decay (and the negatives' push) moves them."""
@@ -102,5 +75,34 @@ def test_half_storage_row_norms_track_fp32_over_1500_steps():
     want_pos, want_never = _row_norms_after(torch.float32)
     for dtype in (torch.float16, torch.bfloat16):
         pos, never = _row_norms_after(dtype)
-        assert abs(pos / want_pos - 1) < 0.03, (dtype, pos, want_pos)
-        assert abs(never / want_never - 1) < 0.03, (dtype, never, want_never)
+        assert abs(pos / want_pos - 1) < 0.01, (dtype, pos, want_pos)
+        assert abs(never / want_never - 1) < 0.01, (dtype, never, want_never)
+
+
+@pytest.mark.parametrize("batch", [128, 512])
+@pytest.mark.parametrize("margin", ["cosface", "arcface"])
+def test_fp16_gemms_stay_finite_at_the_shipped_loss_scale(batch, margin):
+    """DeepSpeed's initial loss scale 2^16 times s/N times 1/|w| (~4.4 at init) overflowed the
+    fp16 operand of the backward GEMMs at batch 128. The operand is scaled to at most 2^14 now,
+    and the GEMMs return fp32: gradients are finite and match fp32 GEMMs."""
+    m = (64.0, 1.0, 0.0, 0.4) if margin == "cosface" else (64.0, 1.0, 0.5, 0.0)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(batch, 512, generator=g)
+    labels = torch.randint(0, 20_000, (batch,), generator=g)
+    out = {}
+    for gemm in (None, torch.float16):
+        head = pfc_ds.PartialFC(
+            pfc_ds.CombinedMarginLoss(*m), 512, 20_000, sample_rate=0.1,
+            dtype=torch.float16, gemm_dtype=gemm, even_batches=True,
+        )  # fmt: skip
+        opt = pfc_ds.SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        e = emb.clone().requires_grad_(True)
+        (head(e, labels) * 2.0**16).backward()
+        grad_rows = head.window.grad.clone()
+        assert bool(opt.step(grad_scale=2.0**16))
+        out[gemm] = (e.grad / 2.0**16, grad_rows / 2.0**16, head.weight.float())
+    (ge, gr, w), (he, hr, v) = out[None], out[torch.float16]
+    assert torch.isfinite(he).all() and torch.isfinite(hr).all()
+    assert ((he - ge).norm() / ge.norm()).item() < 5e-3
+    assert ((hr - gr).norm() / gr.norm()).item() < 5e-3
+    assert ((v - w).norm() / w.norm()).item() < 1e-3

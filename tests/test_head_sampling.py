@@ -12,6 +12,12 @@ S, M2, M3 = 64.0, 0.0, 0.4
 LR, MOM, WD = 0.1, 0.9, 5e-4
 
 
+def _sample(sampler: ClassSampler, local: torch.Tensor):
+    """``(index, target, active)``: the sample and each label's column in it."""
+    index, active = sampler.sample(local)
+    return index, sampler.targets(index, local), active
+
+
 def make_head(num_classes=1000, sample_rate=0.1, **kw):
     margin = pfc_ds.CombinedMarginLoss(S, 1.0, M2, M3)
     return pfc_ds.PartialFC(margin, D, num_classes, sample_rate=sample_rate, **kw)
@@ -29,7 +35,7 @@ def _taken(index, active):
 def test_positives_count_and_sorted_remap():
     sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0)
     positives = torch.tensor([5, 999, 5, 0, 417])
-    index, target, active = sampler.sample(positives)
+    index, target, active = _sample(sampler, positives)
     assert active is None  # 100 slots always cover a batch of 5
     assert len(index) == 100 and len(set(index.tolist())) == 100
     assert torch.equal(index, index.sort().values)
@@ -39,17 +45,17 @@ def test_positives_count_and_sorted_remap():
 def test_labels_of_other_shards_get_no_column():
     sampler = ClassSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0)
     local = torch.tensor([5, -3, 1000, 7, -1])  # what labels - class_start gives off the shard
-    index, target, _ = sampler.sample(local)
+    index, target, _ = _sample(sampler, local)
     assert target.tolist()[1:3] == [-1, -1] and target[4] == -1
     assert index[target[0]] == 5 and index[target[3]] == 7
 
 
 def test_positives_beyond_budget_are_all_taken_and_rate_zero_means_positives_only():
     many = torch.arange(0, 1000, 7)  # 143 positives > 100 slots
-    index, target, active = ClassSampler(1000, 0.1, 0, 0).sample(many)
+    index, target, active = _sample(ClassSampler(1000, 0.1, 0, 0), many)
     assert torch.equal(_taken(index, active), many)
     # Rate 0: the static size is the batch (3), of which the 2 distinct positives are active.
-    index, target, active = ClassSampler(1000, 0.0, 0, 0).sample(torch.tensor([9, 3, 9]))
+    index, target, active = _sample(ClassSampler(1000, 0.0, 0, 0), torch.tensor([9, 3, 9]))
     assert len(index) == 3 and _taken(index, active).tolist() == [3, 9]
     assert index[target].tolist() == [9, 3, 9] and bool(active[target].all())
 
@@ -71,7 +77,7 @@ def test_sample_sizes_across_densities(num_local, rate, npos):
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         positives = torch.randint(0, num_local, (npos,), generator=g)
-        index, target, active = sampler.sample(positives)
+        index, target, active = _sample(sampler, positives)
         want = max(int(rate * num_local), len(positives.unique()))
         assert len(index) == sampler.size(npos) == len(index.unique())
         assert len(_taken(index, active)) == want
@@ -87,7 +93,7 @@ def test_negatives_are_uniform_chi_square(rate):
     positives = torch.tensor([3, 50, 51, 120, 199])
     counts = torch.zeros(num_local)
     for _ in range(draws):
-        index, _, active = sampler.sample(positives)
+        index, _, active = _sample(sampler, positives)
         counts[_taken(index, active)] += 1
     assert torch.all(counts[positives] == draws)
     negatives = torch.ones(num_local, dtype=torch.bool)
@@ -107,7 +113,7 @@ def test_loss_equals_reference_on_sampled_submatrix():
     w0 = head.weight.clone()
     emb, labels = batch(0)
     loss = head(emb, labels)
-    index = head.pending[0].index
+    index = head.window.index
     assert set(labels.tolist()) <= set(index.tolist()) and len(index) == 100
     sub_labels = torch.searchsorted(index, labels)
     ref_loss, _, _ = ref.loss_and_grads(emb, w0[index], sub_labels, S, M2, M3)
@@ -124,7 +130,7 @@ def test_rows_not_sampled_stay_bit_identical():
         m_before = None if head.momentum is None else head.momentum.clone()
         emb, labels = batch(step)
         head(emb, labels).backward()
-        index = head.pending[0].index
+        index = head.window.index
         assert opt.step()
         opt.zero_grad()
         untouched = torch.ones(1000, dtype=torch.bool)
@@ -141,7 +147,9 @@ def test_rows_not_sampled_stay_bit_identical():
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, torch.float32])
-def test_gradient_accumulation_updates_union_like_sgd(momentum_dtype):
+def test_accumulation_window_updates_its_rows_like_sgd(momentum_dtype):
+    """Two micro-batches in one window: one sample for both, their gradients summed, and
+    torch.optim.SGD on the sampled submatrix with the float64 reference loss gives the same."""
     head = make_head(momentum_dtype=momentum_dtype)
     opt = pfc_ds.SparseSGD(head, lr=LR, momentum=MOM, weight_decay=WD)
     # One ordinary step first, so the accumulated step also exercises existing momentum.
@@ -152,28 +160,69 @@ def test_gradient_accumulation_updates_union_like_sgd(momentum_dtype):
     w0, m0 = head.weight.clone().double(), head.momentum.clone().double()
 
     micro = [batch(11), batch(12)]
+    head.prefetch([labels for _, labels in micro])
+    index = head.window.index
     for emb, labels in micro:
         (head(emb, labels) / 2).backward()
-    idx = [p.index for p in head.pending]
-    assert not torch.equal(idx[0], idx[1])
+        assert head.window.index is index  # one sample for the whole window
+    both = torch.cat([labels for _, labels in micro])
+    assert set(both.tolist()) <= set(index.tolist()) and len(index) == 100
     assert opt.step()
-    union = torch.unique(torch.cat(idx))
 
-    p = torch.nn.Parameter(w0[union].clone())
+    p = torch.nn.Parameter(w0[index].clone())
     sgd = torch.optim.SGD([p], lr=LR, momentum=MOM, weight_decay=WD)
-    sgd.state[p]["momentum_buffer"] = m0[union].clone()
-    for (emb, labels), index in zip(micro, idx, strict=True):
-        sub = p[torch.searchsorted(union, index)]
-        (
-            ref.margin_ce(emb.double(), sub, torch.searchsorted(index, labels), S, M2, M3) / 2
-        ).backward()
+    sgd.state[p]["momentum_buffer"] = m0[index].clone()
+    for emb, labels in micro:
+        target = torch.searchsorted(index, labels)
+        (ref.margin_ce(emb.double(), p, target, S, M2, M3) / 2).backward()
     sgd.step()
-    assert ref.rel_err(head.weight[union], p.detach()) < 1e-5
-    assert ref.rel_err(head.momentum[union], sgd.state[p]["momentum_buffer"]) < 1e-5
+    assert ref.rel_err(head.weight[index], p.detach()) < 1e-5
+    assert ref.rel_err(head.momentum[index], sgd.state[p]["momentum_buffer"]) < 1e-5
     rest = torch.ones(1000, dtype=torch.bool)
-    rest[union] = False
+    rest[index] = False
     assert torch.equal(head.weight[rest].double(), w0[rest])
     assert torch.equal(head.momentum[rest].double(), m0[rest])
+
+
+def test_k_micro_batches_act_as_one_batch_of_k_times_b():
+    """prefetch([l1, l2]) + two half-weighted micro-batches == one forward of the concatenated
+    batch: the same rows sampled, the same update (fp32 sums in another order)."""
+    (e1, l1), (e2, l2) = batch(20), batch(21)
+    window, whole = make_head(), make_head()
+    opt_w = pfc_ds.SparseSGD(window, lr=LR, momentum=MOM, weight_decay=WD)
+    opt_b = pfc_ds.SparseSGD(whole, lr=LR, momentum=MOM, weight_decay=WD)
+    window.prefetch([l1, l2])
+    losses = [window(e, lab) for e, lab in ((e1, l1), (e2, l2))]
+    for loss in losses:
+        (loss / 2).backward()
+    loss_b = whole(torch.cat([e1, e2]), torch.cat([l1, l2]))
+    loss_b.backward()
+    assert torch.equal(window.window.index, whole.window.index)
+    torch.testing.assert_close((losses[0] + losses[1]) / 2, loss_b, rtol=1e-6, atol=0)
+    assert ref.rel_err(window.window.grad, whole.window.grad) < 1e-6
+    opt_w.step()
+    opt_b.step()
+    assert ref.rel_err(window.weight, whole.weight) < 1e-6
+
+
+def test_undeclared_second_forward_raises_and_declared_labels_are_checked():
+    head = make_head()
+    (e1, l1), (e2, l2) = batch(30), batch(31)
+    head(e1, l1).backward()
+    with pytest.raises(ValueError, match=r"call head\.prefetch\(\[labels of each micro-batch\]\)"):
+        head(e2, l2)
+    pfc_ds.SparseSGD(head, lr=LR).zero_grad()
+    stale = head(e1, l1)  # a graph whose window the next forward replaces
+    head(e2, l2)
+    with pytest.raises(RuntimeError, match="whose rows the head has dropped"):
+        stale.backward()
+    head.prefetch([l1, l2])
+    with pytest.raises(RuntimeError, match="differ from the ones prefetch declared"):
+        head(e1, l1.flip(0))
+    head.prefetch([l1, l2])
+    head(e1, l1.clone()).backward()  # equal values are fine
+    with pytest.raises(ValueError, match="still holds row gradients"):
+        head.prefetch([l1])
 
 
 def test_sampler_rng_is_checkpointed():
@@ -185,11 +234,11 @@ def test_sampler_rng_is_checkpointed():
     b = make_head(seed=7)
     b.load_state_dict(state)
     b(emb, labels)
-    assert torch.equal(a.pending[-1].index, b.pending[-1].index)
+    assert torch.equal(a.window.index, b.window.index)
     c = make_head(seed=8)
     c(emb, labels)
     c(emb, labels)
-    assert not torch.equal(a.pending[-1].index, c.pending[-1].index)
+    assert not torch.equal(a.window.index, c.window.index)
 
 
 def test_sampler_state_is_two_integers_and_resumes_the_same_draws():
@@ -218,18 +267,18 @@ def test_to_moves_the_bank_but_dtype_casts_do_not_touch_it():
 
 
 def test_two_forwards_before_one_backward_match_sequential_micro_batches():
-    """The sampled rows share one buffer across forwards; a backward whose rows a later forward
-    overwrote gathers them again, so interleaving changes nothing."""
+    """Both forwards of a window share its rows; backward order does not matter."""
     (e1, l1), (e2, l2) = batch(0), batch(1)
     seq = make_head()
+    seq.prefetch([l1, l2])
     seq(e1, l1).backward()
     seq(e2, l2).backward()
     both = make_head()
+    both.prefetch([l1, l2])
     (both(e1, l1) + both(e2, l2)).backward()
-    for a, b in zip(seq.pending, both.pending, strict=True):
-        assert torch.equal(a.index, b.index)
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    assert torch.equal(seq.window.index, both.window.index)
+    assert ref.rel_err(seq.window.grad, both.window.grad) < 1e-6  # summed in another order
     opt_s, opt_b = (pfc_ds.SparseSGD(h, lr=LR, momentum=MOM, weight_decay=WD) for h in (seq, both))
     opt_s.step()
     opt_b.step()
-    torch.testing.assert_close(seq.weight, both.weight, rtol=1e-6, atol=1e-9)
+    assert ref.rel_err(seq.weight, both.weight) < 1e-6

@@ -36,7 +36,7 @@ def test_loss_and_gradients_match_reference(name, chunk):
     ref_loss, ref_demb, ref_dw = ref.loss_and_grads(emb, w0, labels, s, m2, m3)
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < TOL
     assert ref.rel_err(emb.grad, ref_demb) < TOL
-    (pending,) = head.pending
+    pending = head.window
     assert torch.equal(pending.index, torch.arange(C))
     assert ref.rel_err(pending.grad, ref_dw) < TOL
 
@@ -65,7 +65,7 @@ def test_filtering_and_straight_through_match_reference(options):
         assert abs(plain.item() - ref_loss.item()) > 1e-3  # the filter does bite on this batch
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < TOL
     assert ref.rel_err(emb.grad, ref_demb) < TOL
-    assert ref.rel_err(head.pending[0].grad, ref_dw) < TOL
+    assert ref.rel_err(head.window.grad, ref_dw) < TOL
 
 
 @pytest.mark.parametrize("name", ["arcface", "cosface"])
@@ -102,7 +102,7 @@ def test_half_gemms_stay_close_to_the_reference(gemm):
     ref_loss, ref_demb, ref_dw = ref.loss_and_grads(emb, w0, labels, s, m2, m3)
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-2
     assert ref.rel_err(emb.grad, ref_demb) < 5e-2
-    assert ref.rel_err(head.pending[0].grad, ref_dw) < 5e-2
+    assert ref.rel_err(head.window.grad, ref_dw) < 5e-2
 
 
 def test_uneven_last_batch_and_single_sample():
@@ -145,7 +145,7 @@ def test_lr_is_settable_for_schedulers():
     w0 = head.weight.clone()
     emb, labels = make_batches(1)[0]
     head(emb, labels).backward()
-    grad = head.pending[0].grad.clone()
+    grad = head.window.grad.clone()
     opt.param_groups[0]["lr"] = 0.25
     opt.step()
     torch.testing.assert_close(head.weight, w0 - 0.25 * grad, rtol=0, atol=1e-6)
@@ -167,12 +167,12 @@ def test_grad_scale_unscales_and_nonfinite_is_reported_not_applied():
     opt_s.zero_grad()
     before_w, before_m = scaled.weight.clone(), scaled.momentum.clone()
     scaled(emb, labels).backward()
-    scaled.pending[0].grad[3, 1] = math.inf
+    scaled.window.grad[3, 1] = math.inf
     assert opt_s.has_nonfinite()
     applied = opt_s.step()  # a device flag, so the step itself makes no host sync
     assert applied.dtype == torch.bool and applied.dim() == 0 and not bool(applied)
     assert torch.equal(scaled.weight, before_w) and torch.equal(scaled.momentum, before_m)
-    assert not scaled.pending  # consumed either way
+    assert scaled.window is None  # consumed either way
 
 
 class TestMargins:

@@ -1,70 +1,24 @@
-"""The head's step makes no host-synchronising call, audited through the public API.
+"""The head's step on a GPU, audited on this CPU through the public API.
 
-On a GPU each sync (``.item()``, ``bool(t)``, ``nonzero``, ``unique``, a boolean mask...) stalls
-the launch queue. A ``TorchFunctionMode`` sees every tensor call made from Python, autograd
-Functions' backward included, so counting the syncing ones over forward, backward,
-``SparseSGD.step`` and ``zero_grad`` audits the step on this CPU as it would run on a GPU.
+* No host syncs: on a GPU each sync (``.item()``, ``bool(t)``, ``nonzero``, ``unique``, a boolean
+  mask...) stalls the launch queue. ``SyncAudit`` counts them over forward, backward (the
+  autograd Functions' backwards included), the optimizer step and ``zero_grad``.
+* Device discipline: ``DeviceAudit`` runs the head as if its compute device were a GPU (the
+  stand-in ``FAKE_GPU``) and a host or disk bank's rows lived on the CPU, and records every op
+  that mixes the two, every sync on a GPU tensor and every blocking or pageable copy between
+  them, for every bank, accumulation 1 and 2, SGD and AdamW, fp32/fp16/bf16. The host and disk
+  banks' lane thread is audited too. The number is 0 for every bank: an offloaded bank's index,
+  rows and updates cross through pinned buffers without blocking, ordered by events.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import pfc_ds
+from tests.audit import FAKE_GPU, DeviceAudit, SyncAudit
 from tests.dist import run_distributed
-
-_SYNCING = {
-    "item",
-    "__bool__",
-    "__int__",
-    "__float__",
-    "__index__",
-    "tolist",
-    "cpu",
-    "numpy",
-    "nonzero",
-    "argwhere",
-    "unique",
-    "unique_consecutive",
-    "masked_select",
-}
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", str(func))
-
-
-def _has_bool_index(args) -> bool:
-    idx = args[1] if len(args) > 1 else None
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-class SyncAudit(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = _name(func)
-        if name in _SYNCING:
-            self.calls.append(name)
-        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and _has_bool_index(
-            args
-        ):
-            self.calls.append(f"{name}[bool]")
-        elif name == "where" and len(args) == 1 and not kwargs:
-            self.calls.append("where(cond)")
-        elif (
-            name == "repeat_interleave"
-            and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
-            and "output_size" not in kwargs
-        ):  # tensor repeats: the output size is data
-            self.calls.append(name)
-        return func(*args, **kwargs)
 
 
 def _head(rate: float, dtype: torch.dtype, num_classes: int = 2000, **kw) -> pfc_ds.PartialFC:
@@ -74,20 +28,30 @@ def _head(rate: float, dtype: torch.dtype, num_classes: int = 2000, **kw) -> pfc
     )
 
 
+def _steps(head, opt, micro: int, g: torch.Generator, device=None, steps: int = 2) -> None:
+    for _ in range(steps):
+        batches = [
+            (
+                torch.randn(24, 16, generator=g, device=device).requires_grad_(True),
+                torch.randint(0, head.num_classes, (24,), generator=g, device=device),
+            )
+            for _ in range(micro)
+        ]
+        head.prefetch([labels for _, labels in batches])
+        for emb, labels in batches:
+            (head(emb, labels) / micro).backward()
+        opt.has_nonfinite()
+        opt.step(grad_scale=torch.full((), 2.0, device=device))
+        opt.zero_grad()
+
+
 def _audited_steps(rate: float, dtype: torch.dtype, micro: int, rank: int = 0) -> list[str]:
     head = _head(rate, dtype)
     opt = pfc_ds.SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(rank)
     audit = SyncAudit()
-    for _ in range(2):  # optimizer steps
-        with audit:
-            for _ in range(micro):
-                emb = torch.randn(24, 16, generator=g, requires_grad=True)
-                labels = torch.randint(0, head.num_classes, (24,), generator=g)
-                head(emb, labels).backward()
-            opt.has_nonfinite()
-            opt.step(grad_scale=torch.tensor(2.0))
-            opt.zero_grad()
+    with audit:
+        _steps(head, opt, micro, g)
     return audit.calls
 
 
@@ -98,22 +62,84 @@ def _audited_steps(rate: float, dtype: torch.dtype, micro: int, rank: int = 0) -
         (0.6, torch.float16, 1),  # dense sampler, fp16 stochastic rounding
         (0.005, torch.bfloat16, 1),  # positives may exceed the 10 slots: masked columns
         (1.0, torch.float32, 1),  # the whole shard, updated in place
-        (0.1, torch.float32, 2),  # accumulation: the union of two micro-batches
+        (0.1, torch.float32, 2),  # accumulation: one window of two micro-batches
     ],
 )
 def test_head_step_makes_no_host_sync_single_process(rate, dtype, micro):
     assert _audited_steps(rate, dtype, micro) == []
 
 
-def test_the_audit_sees_syncs():
+def test_the_audit_sees_syncs_in_backward():
     audit = SyncAudit()
     t = torch.arange(5)
+
+    class Item(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            g.sum().item()
+            return g
+
     with audit:
         t.sum().item()
         _ = t[t > 2]
         torch.unique(t)
         bool(t.any())
-    assert audit.calls == ["item", "__getitem__[bool]", "unique", "__bool__"]
+        Item.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert audit.calls == ["item", "__getitem__[bool]", "unique", "__bool__", "item"]
+
+
+def test_the_device_audit_sees_mixing_syncs_and_blocking_copies():
+    audit = DeviceAudit()
+    with audit:
+        gpu = torch.ones(4, device=FAKE_GPU)
+        cpu = torch.arange(4)
+        assert gpu.device == FAKE_GPU and cpu.device.type == "cpu"
+        gpu.index_select(0, cpu)  # an index on the other device
+        gpu + torch.tensor(1.0)  # a 0-dim CPU tensor is a scalar: fine
+        gpu.sum().item()
+        gpu.cpu()
+        gpu.copy_(cpu.float(), non_blocking=True)  # pageable: syncs the stream
+        torch.tensor([1, 2], device=FAKE_GPU)
+        moved = cpu.to(FAKE_GPU, non_blocking=True)
+        assert moved.device == FAKE_GPU
+    assert [m.split(" mixes")[0] for m in audit.mixed] == ["index_select"]
+    assert [c.split(" at")[0] for c in audit.calls] == ["item"]
+    assert [c.split(" at")[0] for c in audit.copies] == [
+        "cpu gpu->cpu",
+        "pageable copy_ cpu->gpu",
+        "tensor(device=gpu)",
+        "to cpu->gpu",
+    ]
+
+
+OPTIMIZERS = {
+    "sgd": lambda h: pfc_ds.SparseSGD(h, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "adamw": lambda h: pfc_ds.SparseAdamW(h, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("micro", [1, 2])
+@pytest.mark.parametrize("bank", ["device", "host", "disk"])
+def test_device_discipline(tmp_path, bank, micro, opt, dtype):
+    audit = DeviceAudit()
+    g = torch.Generator().manual_seed(0)
+    with audit.patched(), audit:
+        audit.recording = False  # building the head uploads its bank once: not a step
+        head = _head(0.1, dtype, device=FAKE_GPU, bank=bank, bank_path=str(tmp_path),
+                     gemm_dtype=None if dtype == torch.float32 else dtype)  # fmt: skip
+        optimizer = OPTIMIZERS[opt](head)
+        audit.recording = True
+        _steps(head, optimizer, micro, g, device=FAKE_GPU)
+        head.bank.flush()
+    assert audit.mixed == []
+    assert audit.calls == []
+    assert audit.copies == []
 
 
 def _worker(rank: int, world: int) -> list[str]:

@@ -24,6 +24,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.dist import run_distributed
@@ -229,9 +230,10 @@ def _disk(rank: int, world: int, tmp: str) -> dict:
     # A NaN weight planted after step 4 ran, before its checkpoint: never written.
     tr = make_trainer(CFG, ds_config(0), f"{tmp}/nan_weight")
 
-    def plant(step):
+    def plant(step):  # through the bank, as every write to it goes
         if step == 4 and rank == 1:
-            tr.head.bank.weight[0, 0] = float("nan")
+            nan = torch.full((1, tr.head.embedding_size), float("nan"))
+            tr.head.bank.apply_update(torch.tensor([0]), nan, None)
 
     try:
         tr.fit(on_step=plant)
@@ -249,13 +251,18 @@ def _disk(rank: int, world: int, tmp: str) -> dict:
         except Exception as exc:
             out[f"mismatch_{key}"] = f"{type(exc).__name__}: {exc}"
 
-    # Setup-time disk check: no room for one checkpoint.
+    # Before the first step: no room for one checkpoint. A run that never saves (the
+    # profiler's) needs none and trains.
     shutil.disk_usage = lambda p: Usage(10**9, 10**9 - 1000, 1000)
     try:
-        make_trainer(CFG, ds_config(0), f"{tmp}/no_room").setup()
-        out["no_room"] = None
-    except CheckpointError as exc:
-        out["no_room"] = str(exc)
+        tr = make_trainer(CFG, ds_config(0), f"{tmp}/no_room")
+        try:
+            tr.fit()
+            out["no_room"] = None
+        except CheckpointError as exc:
+            out["no_room"] = str(exc)
+        out["no_room_step"] = tr.step
+        out["no_save_steps"] = len(tr.fit(stop_at=2, save=False))
     finally:
         shutil.disk_usage = real_usage
     return out
@@ -344,3 +351,5 @@ def test_no_room_for_one_checkpoint_is_found_before_any_step(disk):
         "about "
     )
     assert msg.endswith("(train.save_failure: warn trains on without saving)")
+    assert runs[0]["no_room_step"] == 0
+    assert runs[0]["no_save_steps"] == 2

@@ -194,6 +194,9 @@ def test_nonfinite_weights_checks_every_tensor_once():
     assert not nonfinite_weights(good, torch.device("cpu"))
     bad = [*good, torch.tensor([1.0, float("inf")])]
     assert nonfinite_weights(bad, torch.device("cpu"))
+    yes, no = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+    assert not nonfinite_weights(good, torch.device("cpu"), finite_flags=[yes])
+    assert nonfinite_weights(good, torch.device("cpu"), finite_flags=[yes, no])
     assert not nonfinite_weights([], torch.device("cpu"))
 
 

@@ -45,10 +45,11 @@ RECORD_FIELDS = {
         if not (c[0] == "fp32" and c[1] == "same")
     ],
 )
-@pytest.mark.parametrize("blocks", [False, True])
-def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, monkeypatch):
+@pytest.mark.parametrize("blocks,micro", [(False, 1), (True, 1), (False, 2)])
+def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, micro, monkeypatch):
     """Bank, optimizer state and workspace bytes after two steps equal the model's terms, with
-    the default blocks and with blocks small enough to split the sampled rows."""
+    the default blocks, with blocks small enough to split the sampled rows, and with two
+    micro-batches a step (one window: nothing more, but a sample sized for both)."""
     if blocks:
         monkeypatch.setattr(partial_fc, "ROW_BLOCK_BYTES", 40 * 16 * 4)  # 40 rows of D=16
         monkeypatch.setattr(bank_module, "_GATHER_BLOCK", 25 * 16)
@@ -68,7 +69,10 @@ def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, monk
     o = pfc_ds.SparseSGD(head, 0.1, 0.9, 5e-4) if opt == "sgd" else pfc_ds.SparseAdamW(head, 1e-3)
     emb = torch.randn(batch, dim, requires_grad=True)
     for _ in range(2):
-        head(emb, torch.randint(0, num_classes, (batch,))).backward()
+        labels = [torch.randint(0, num_classes, (batch,)) for _ in range(micro)]
+        head.prefetch(labels)
+        for lab in labels:
+            head(emb, lab).backward()
         o.step()
         o.zero_grad()
     spec = HeadSpec(
@@ -81,6 +85,8 @@ def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, monk
         gemm_dtype=g,
         optimizer=opt,
         chunk=50,
+        grad_accum=micro,
+        device="cpu",
     )
     model = head_bytes(spec)
     assert head.memory() == {k: model[k] for k in ("bank", "optimizer_state", "workspace")}

@@ -9,7 +9,8 @@ one W=2 process group run every configuration back to back, so the suite pays tw
   the same LR per optimizer step) within 1e-5: clipping binds on some steps and not others, so
   this pins the clipping rule and the LR of every step, including warmup.
 * 2 micro-steps of b reproduce 1 step of 2b at ZeRO 0 and 2 (loss divided once, LR stepped per
-  optimizer step, head rows accumulated over the window).
+  optimizer step, head rows accumulated over the window), and at sample rate 0.5 too: the
+  window samples its rows once for both micro-batches' labels, as the batch of 2b does.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ CLIP = 4.0  # binds on 4 of the 5 steps (asserted in test_w1_matches_plain_torch
 WARMUP_EPOCHS = 2 / 64  # 512 images / 8 per step = 64 steps per epoch -> 2 warmup steps
 
 
-def _cfg(batch: int, accum: int = 1) -> dict:
+def _cfg(batch: int, accum: int = 1, rate: float = 1.0) -> dict:
     return cfg_dict(
         train={"batch_size": batch, "grad_accum": accum, "max_steps": STEPS},
         optim={"warmup_epochs": WARMUP_EPOCHS},
+        head={"sample_rate": rate},
     )
 
 
@@ -106,6 +108,9 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
         out["plain"] = _plain_torch(_cfg(batch))
         for stage in (0, 2):
             out[f"accum{stage}"] = _run(_cfg(BATCH, accum=2), stage, f"{tmp}/accum_z{stage}")
+        # Sampled rows: the window of 2 micro-batches samples once, as the batch of 2b does.
+        out["sampled"] = _run(_cfg(batch, rate=0.5), 0, f"{tmp}/sampled")
+        out["sampled_accum"] = _run(_cfg(BATCH, 2, 0.5), 0, f"{tmp}/sampled_accum")
     return out
 
 
@@ -149,3 +154,9 @@ def test_gradient_accumulation(runs, stage):
     assert acc["global_steps"] == STEPS
     assert acc["lrs"] == pytest.approx(w1[stage]["lrs"])
     assert acc["engine_lr"] == pytest.approx(w1[stage]["lrs"][-1])
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_with_sampled_rows(runs):
+    w1, _ = runs
+    assert_close_states(w1["sampled_accum"], w1["sampled"], 1e-4, "r=0.5: 2 x b vs 1 x 2b")

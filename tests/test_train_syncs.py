@@ -1,5 +1,5 @@
 """The trainer's micro-step (backbone engine -> head -> loss -> backward -> both optimizer steps)
-makes no host sync of its own between logging intervals, at W=2.
+makes no host sync of its own between logging intervals, at W=2 with two micro-batches a step.
 
 DeepSpeed's internals are its own business (under fp16 its overflow check is the one sync a step
 needs); the audit counts only calls made from pfc_ds code, hooks included.
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
+from tests.audit import SyncAudit
 from tests.dist import run_distributed
-from tests.test_head_syncs import SyncAudit
 from tests.test_train_common import cfg_dict, ds_config, make_trainer
 
 
@@ -42,9 +42,7 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
         audit = OwnSyncAudit()
         with audit:
             for step in range(2):
-                for _ in range(2):
-                    images, labels = next(batches)
-                    tr.lockstep.micro_step(images, labels, step)
+                tr.lockstep.step([next(batches) for _ in range(2)], step)
         tr.lockstep.check()
         out[(stage, precision)] = audit.calls
     return out

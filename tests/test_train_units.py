@@ -333,3 +333,25 @@ def test_reshard_cli_roundtrip(tmp_path):
         text=True,
     )
     assert bad.returncode != 0
+
+
+def test_gpu_switches_follow_the_config():
+    """cudnn.benchmark for fixed-size crops and TF32 by default; train.deterministic turns
+    deterministic algorithms on and autotuning off (read by the trainer's setup)."""
+    from pfc_ds.train import backends
+    from pfc_ds.train.config import Config
+
+    data = {"num_classes": 10}
+    cfg = Config.from_dict({"train": {"deterministic": True, "tf32": False}, "data": data})
+    try:
+        backends.configure(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        default = Config.from_dict({"data": data})
+        backends.configure(tf32=default.train.tf32, deterministic=default.train.deterministic)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        backends.configure(tf32=False, deterministic=False)
+        torch.backends.cudnn.benchmark = False

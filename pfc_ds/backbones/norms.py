@@ -7,6 +7,11 @@ variance lose precision in half. These layers do what torch autocast does for no
 input and the affine parameters, normalise in fp32 against fp32 statistics, and hand the result
 back in the input's dtype. Names and ``state_dict`` keys are the stock layers', so insightface
 weights load unchanged; in fp32 they are the stock layers exactly.
+
+On a GPU the kernels normalise a half input in fp32 themselves (cuDNN's batch norm takes fp32
+weight, bias and statistics beside it; torch's layer norm accumulates in fp32 with affine
+parameters of the input's dtype), so the input is not upcast there: an upcast copy would double
+the activation memory backward keeps. The CPU path upcasts.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ class _Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
+        mixed = x.is_cuda and x.dtype != torch.float32  # half input, fp32 rest: one kernel
         y = F.batch_norm(
-            x.float(),
+            x if mixed else x.float(),
             self.running_mean if track else None,
             self.running_var if track else None,
             _fp32(self.weight),
@@ -70,6 +76,9 @@ class LayerNorm(nn.LayerNorm):
         half_params = self.weight is not None and self.weight.dtype != torch.float32
         if x.dtype == torch.float32 and not half_params:
             return super().forward(x)
+        if x.is_cuda and x.dtype != torch.float32:  # fp32 accumulation inside the kernel
+            w, b = (None if t is None else t.to(x.dtype) for t in (self.weight, self.bias))
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
         y = F.layer_norm(
             x.float(), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps
         )

@@ -109,7 +109,8 @@ def _dense_step(args, rate):
     emb, labels = _inputs(args)
 
     def step():
-        index, target, _ = sampler.sample(labels)
+        index, _ = sampler.sample(labels)
+        target = sampler.targets(index, labels)
         sub = weight[index] if rate < 1.0 else weight
         logits = F.linear(F.normalize(emb), F.normalize(sub)).clamp(-1, 1)
         F.cross_entropy(margin(logits, target), target).backward()

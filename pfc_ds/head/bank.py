@@ -7,12 +7,13 @@ host-memory or disk-backed bank can replace this device-tensor bank without chan
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.rounding import RoundingKey, scratch_elements, stochastic_round
 from pfc_ds.head.row_files import FileRows
-from pfc_ds.head.step_rng import StepRng
 from pfc_ds.head.workspace import Workspace
 
 # Centres are drawn in fixed blocks of global rows, each from its own seeded generator, so the
@@ -61,81 +62,30 @@ def init_centres(
 # Gathers that change dtype stage at most this many elements at a time (16 MB of fp32).
 _GATHER_BLOCK = 1 << 22
 
-# Stochastic rounding works through a row block of about this many elements at a time, so its
-# temporaries stay a few MB whatever the number of sampled rows.
-_SR_BLOCK = 1 << 20
-
-
-def _row_blocks(x: torch.Tensor):
-    per_row = x[0].numel() if x.dim() > 1 and x.shape[0] else 1
-    rows = max(1, _SR_BLOCK // max(1, per_row))
-    for r0 in range(0, x.shape[0], rows):
-        yield r0, min(x.shape[0], r0 + rows)
-
-
-def round_to_bf16(
-    x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Stochastically round fp32 to bf16: unbiased, so small updates survive in expectation.
-
-    bf16 keeps 8 mantissa bits; round-to-nearest drops any update below 2^-9 of the weight,
-    which stalls training (measured on the problem of tests/test_head_precision.py: 32% higher
-    final loss than fp32 storage with nearest rounding, 0.14% with this).
-    bf16 is the high half of fp32, so adding 16 random low bits and truncating is exact SR.
-    """
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out is None else out
-    for r0, r1 in _row_blocks(x):
-        bits = x[r0:r1].view(torch.int32)
-        noise = _random_bits(bits.shape, 16, x.device, generator)
-        out[r0:r1] = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)
-    return out
-
-
-def _random_bits(shape, bits: int, device, generator) -> torch.Tensor:
-    """Uniform ``bits``-bit int32 values; each 32-bit draw serves two elements (the RNG, not
-    the arithmetic, is what stochastic rounding costs on a CPU)."""
-    n = 1
-    for d in shape:
-        n *= d
-    draws = torch.randint(
-        -(1 << 31), 1 << 31, ((n + 1) // 2,), dtype=torch.int32, device=device, generator=generator
-    )
-    mask = (1 << bits) - 1
-    out = torch.empty(2 * draws.numel(), dtype=torch.int32, device=device)
-    torch.bitwise_and(draws, mask, out=out[: draws.numel()])
-    torch.bitwise_right_shift(draws, 16, out=out[draws.numel() :]).bitwise_and_(mask)
-    return out[:n].view(shape)
-
-
-def round_to_fp16(
-    x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Stochastically round fp32 to fp16: unbiased, so small updates survive in expectation;
-    values already in fp16 stay exactly.
-
-    Round-to-nearest fp16 storage loses updates below half an ulp (weight decay first): after
-    1500 SGD steps of a 512-class CosFace head the row norms were 0.86-0.89x fp32 storage's.
-    In fp16's normal range its mantissa is fp32's top 10 bits, so random 13 low bits and a
-    truncation round exactly as for bf16. Below it (|x| < 2^-14, fp16 subnormals, spacing
-    6e-8) values round to nearest: an error of at most 3e-8 there, far below any update that
-    matters. Temporaries are one row block (``_SR_BLOCK`` elements), whatever ``x``'s size.
-    """
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.float16, device=x.device) if out is None else out
-    for r0, r1 in _row_blocks(x):
-        xs = x[r0:r1]
-        bits = xs.view(torch.int32)
-        sr = _random_bits(xs.shape, 13, x.device, generator).add_(bits).bitwise_and_(-8192)
-        # fp32 exponent field below 113 (|x| < 2^-14): keep x, rounded to nearest below.
-        tiny = bits.bitwise_and(0x7F800000) < (113 << 23)
-        out[r0:r1] = torch.where(tiny, bits, sr).view(torch.float32)
-    return out
-
 
 # Per-row optimizer states a bank may hold beside the weight (all sharded like it): SGD's
 # momentum; AdamW's moments and per-row step counts.
 ROW_STATES = ("momentum", "exp_avg", "exp_avg_sq", "steps")
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """Local rows of one step, where the compute needs them and where the bank keeps them.
+
+    ``device``: on the compute device (the sampler's output, the rounding's row ids);
+    ``storage``: the same rows on the bank's storage device (the same tensor for a device
+    bank); ``ready``: a CUDA event the storage copy completes at (``None``: complete).
+    """
+
+    device: torch.Tensor
+    storage: torch.Tensor
+    ready: object = None
+
+    def __len__(self) -> int:
+        return self.device.shape[0]
+
+    def __getitem__(self, s: slice) -> RowIndex:
+        return RowIndex(self.device[s], self.storage[s], self.ready)
 
 
 class CenterBank:
@@ -143,7 +93,12 @@ class CenterBank:
 
     ``states`` holds the per-row optimizer tensors by name (``ROW_STATES``): row-shaped ones in
     ``momentum_dtype``, ``steps`` as one int32 per row. Half-precision storage (fp16, bf16) is
-    written with stochastic rounding from a ``StepRng`` stream, whose state loads on any device.
+    written with stochastic rounding keyed by ``(seed, step, tensor, global row, column)``
+    (``rounding``); ``row_offset`` is the global id of local row 0.
+
+    Every write goes through ``apply_update``/``write_state``/``load``, which keep a device flag
+    of whether every value written is finite (``all_finite``): a save never reads the bank to
+    find out (for a disk bank that would read every page).
 
     ``storage`` is where the tensors live and ``device`` where gathered rows go and updates
     come from; here both are the same device (``resident``: the head may read ``weight``
@@ -156,6 +111,8 @@ class CenterBank:
         self,
         weight: torch.Tensor,
         momentum_dtype: torch.dtype | None = None,
+        *,
+        row_offset: int = 0,
         seed: int = 0,
     ) -> None:
         if weight.dtype not in STORAGE_DTYPES:
@@ -169,8 +126,10 @@ class CenterBank:
         self.weight = weight
         self.states: dict[str, torch.Tensor] = {}  # allocated by ensure_state()
         self.momentum_dtype = momentum_dtype
-        self.rounding = StepRng(seed)
-        self._staging = Workspace(weight.device)  # reused fp16/bf16 row buffers
+        self.row_offset = row_offset
+        self.rounding = RoundingKey(seed)
+        self._staging = Workspace(self.device)  # reused gather, rounding and flag buffers
+        self._finite: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -199,6 +158,7 @@ class CenterBank:
         self.weight = self.weight.to(device)
         self.states = {k: v.to(device) for k, v in self.states.items()}
         self._staging = Workspace(device)
+        self._finite = None if self._finite is None else self._finite.to(device)
 
     def _shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name not in ROW_STATES:
@@ -217,11 +177,15 @@ class CenterBank:
     def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.storage)
 
+    def _drop_states(self) -> None:
+        self.states = {}
+
     def load(
         self, weight: torch.Tensor | FileRows, states: dict[str, torch.Tensor | FileRows | None]
     ) -> None:
         """Copy a saved shard in (shapes checked; the storage dtypes stay this bank's). Rows
-        still in files (``FileRows``) are read a chunk at a time."""
+        still in files (``FileRows``) are read a chunk at a time. A checkpoint was checked
+        finite before it was written, so the finite flag starts over."""
         self.flush()
         if tuple(weight.shape) != tuple(self.weight.shape):
             raise ValueError(
@@ -232,7 +196,7 @@ class CenterBank:
                 f"head weight files cover {weight.pieces}, not all {weight.shape[0]} rows"
             )
         self._load_rows("weight", self.weight, weight)
-        self.states = {}
+        self._drop_states()
         for name, value in states.items():
             if value is None:
                 continue
@@ -240,6 +204,7 @@ class CenterBank:
             if tuple(value.shape) != shape:
                 raise ValueError(f"head {name} shape {tuple(value.shape)} != {shape}")
             self._load_rows(name, self.ensure_state(name), value)
+        self._finite = None
 
     def _load_rows(self, name: str, target: torch.Tensor, value: torch.Tensor | FileRows) -> None:
         if isinstance(value, FileRows):
@@ -251,59 +216,154 @@ class CenterBank:
         """The tensors that already are files (a disk bank's), so a save can copy files."""
         return {}
 
+    # ---- rows of a step ----------------------------------------------------------------------
+
+    def index(self, rows: torch.Tensor) -> RowIndex:
+        """``rows`` (local, on the compute device) as a ``RowIndex`` of this bank."""
+        return RowIndex(rows, rows)
+
+    def release(self, rows: RowIndex) -> None:
+        """The step is done with ``rows`` (an offloaded bank reuses their host buffer)."""
+
+    def _rows(self, rows: torch.Tensor | RowIndex) -> RowIndex:
+        return rows if isinstance(rows, RowIndex) else self.index(rows)
+
     def _gather(
-        self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None
+        self,
+        src: torch.Tensor,
+        rows: torch.Tensor,
+        out: torch.Tensor | None,
+        staging: Workspace | None = None,
     ) -> torch.Tensor:
+        """``src[rows]`` where both live (``out``: any dtype; ``staging``: where a
+        dtype-changing gather stages its blocks, ``self._staging`` by default)."""
         if out is None:
             return src.index_select(0, rows).float()
         if src.dtype == out.dtype:
             return torch.index_select(src, 0, rows, out=out)
         # Through a staging block in the source dtype: its size is a block, not the gather's.
+        staging = staging or self._staging
         per_row = out[0].numel() if out.dim() > 1 and out.shape[0] else 1
         step = max(1, _GATHER_BLOCK // max(per_row, 1))
         for r0 in range(0, out.shape[0], step):
             r1 = min(out.shape[0], r0 + step)
-            staged = self._staging.get("gather", (r1 - r0, *out.shape[1:]), src.dtype)
+            staged = staging.get("gather", (r1 - r0, *out.shape[1:]), src.dtype)
             out[r0:r1].copy_(torch.index_select(src, 0, rows[r0:r1], out=staged))
         return out
 
-    def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _gather_rows(self, src: torch.Tensor, rows: RowIndex, out: torch.Tensor | None) -> Pending:
+        """Start ``src[rows]`` into ``out`` on the compute device (here: done at once, ordered
+        on the compute stream like any kernel)."""
+        return Pending(None, self._gather(src, rows.storage, out))
+
+    def gather(
+        self, rows: torch.Tensor | RowIndex, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Copy of the weight ``rows``: fp32, or ``out``'s dtype when given."""
-        return self._gather(self.weight, rows, out)
+        return self.gather_async(self._rows(rows), out).wait()
+
+    def gather_async(self, rows: RowIndex, out: torch.Tensor | None) -> Pending:
+        """Start gathering the weight ``rows``; ``wait()`` returns them on the compute device."""
+        return self._gather_rows(self.weight, rows, out)
 
     def gather_state(
-        self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None
+        self, name: str, rows: torch.Tensor | RowIndex, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Copy of a row state's ``rows`` (fp32 or ``out``'s dtype; zeros while it is absent)."""
+        return self.gather_state_async(name, self._rows(rows), out).wait()
+
+    def gather_state_async(self, name: str, rows: RowIndex, out: torch.Tensor | None) -> Pending:
         if name not in self.states:
             shape, _ = self._shape_dtype(name)
             shape = (len(rows), *shape[1:])
-            return torch.zeros(shape, device=self.device) if out is None else out.zero_()
-        return self._gather(self.states[name], rows, out)
+            zeros = torch.zeros(shape, device=self.device) if out is None else out.zero_()
+            return Pending(None, zeros)
+        return self._gather_rows(self.states[name], rows, out)
 
-    def _store(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # ---- writes ------------------------------------------------------------------------------
+
+    def next_step(self) -> None:
+        """An optimizer step begins: its writes round with a fresh key."""
+        self.rounding.advance()
+
+    def all_finite(self) -> torch.Tensor:
+        """0-dim device bool: every value written since the bank was built or loaded was
+        finite (the initial centres are). Never read back here."""
+        if self._finite is None:
+            self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        return self._finite
+
+    def _note(self, values: torch.Tensor, dtype: torch.dtype) -> None:
+        """Fold ``values`` (fp32 rows about to be stored in ``dtype``) into the finite flag:
+        one min-max pass over the fp32 values (NaN propagates through both), against the
+        largest finite value of ``dtype``, so a value that would round to inf in fp16 counts
+        too (checking the stored half values would cost a conversion first)."""
+        if values.is_floating_point() and values.numel():
+            limit = torch.finfo(dtype).max
+            low, high = torch.aminmax(values)
+            self._finite = self.all_finite() & (low >= -limit) & (high <= limit)
+
+    def _store(self, x: torch.Tensor, dtype: torch.dtype, rows: RowIndex, stream: str):
+        """``x`` (fp32 rows on the compute device) in ``dtype``: stochastically rounded for
+        fp16/bf16, cast for integers, as is otherwise."""
         if dtype == x.dtype:
             return x
         if not dtype.is_floating_point:
             return x.to(dtype)
-        gen = self.rounding.generator(x.device)
         out = self._staging.get("store", tuple(x.shape), dtype)
-        rounding = round_to_bf16 if dtype == torch.bfloat16 else round_to_fp16
-        return rounding(x, gen, out)
+        need = scratch_elements(x.shape[0], x.shape[1], x.device)
+        scratch = self._staging.get("rounding_bits", (need,), torch.int32)
+        global_rows = rows.device + self.row_offset
+        return stochastic_round(x, global_rows, self.rounding.key(stream), out, scratch)
 
-    def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+    def write_state(self, name: str, rows: torch.Tensor | RowIndex, values: torch.Tensor) -> None:
         """Write a row state's ``rows`` back in its dtype; every other row stays bit-identical."""
+        rows = self._rows(rows)
         state = self.ensure_state(name)
-        self._write(state, rows, self._store(values, state.dtype))
+        self._note(values, state.dtype)
+        self._write(state, rows, self._store(values, state.dtype, rows, name))
 
     def apply_update(
-        self, rows: torch.Tensor, new_rows: torch.Tensor, new_momentum: torch.Tensor | None
+        self,
+        rows: torch.Tensor | RowIndex,
+        new_rows: torch.Tensor,
+        new_momentum: torch.Tensor | None,
+        *,
+        in_place: bool = False,
     ) -> None:
-        """Write ``rows`` back in the storage dtypes; every other row stays bit-identical."""
-        self._write(self.weight, rows, self._store(new_rows, self.weight.dtype))
+        """Write ``rows`` back in the storage dtypes; every other row stays bit-identical.
+        ``in_place``: ``new_rows`` and ``new_momentum`` already are views of the bank's own
+        fp32 tensors (a whole-shard update): nothing to write, only the finite flag to keep."""
+        rows = self._rows(rows)
+        if in_place:
+            for t in (new_rows, new_momentum):
+                if t is not None:
+                    self._note(t, t.dtype)
+            return
+        self._note(new_rows, self.weight.dtype)
+        self._write(self.weight, rows, self._store(new_rows, self.weight.dtype, rows, "weight"))
         if new_momentum is not None:
             self.write_state("momentum", rows, new_momentum)
 
-    def _write(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    def _write(self, target: torch.Tensor, rows: RowIndex, values: torch.Tensor) -> None:
         """Store ``values`` (already in ``target``'s dtype) at ``rows``."""
-        target.index_copy_(0, rows, values)
+        target.index_copy_(0, rows.storage, values)
+
+
+class Pending:
+    """A gather in flight; ``wait()`` returns its output, ready for the current stream.
+
+    ``future``: the lane job that queues the copy and returns the CUDA event it completes at
+    (or ``None``); a device bank's gather is done already (``future`` is ``None``).
+    """
+
+    def __init__(self, future, out: torch.Tensor) -> None:
+        self._future, self._out = future, out
+
+    def wait(self) -> torch.Tensor:
+        if self._future is not None:
+            event = self._future.result()
+            if event is not None:  # the side stream's copy: order the current stream after it
+                torch.cuda.current_stream(self._out.device).wait_event(event)
+            self._future = None
+        return self._out

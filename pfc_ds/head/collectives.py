@@ -29,30 +29,40 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch
     return t
 
 
-def gather_sizes(n: int, device: torch.device, group: ProcessGroup) -> list[int]:
-    """Every rank's batch size, so uneven last batches need no assert (insightface #2015)."""
+def gather_sizes(counts: list[int], device: torch.device, group: ProcessGroup) -> list[list[int]]:
+    """Every rank's batch sizes (``out[rank][k]`` for its micro-batch ``k``), so uneven last
+    batches need no assert (insightface #2015). One collective, and one host sync to read it."""
     size, _ = world(group)
     if size == 1:
-        return [n]
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(mine) for _ in range(size)]
+        return [list(counts)]
+    mine = torch.tensor(counts, dtype=torch.int64).to(device)
+    out = torch.empty(size * len(counts), dtype=torch.int64, device=device)
     with phases.span("head/collectives"):
-        dist.all_gather(sizes, mine, group=group)
-    return [int(s) for s in sizes]
+        dist.all_gather_into_tensor(out, mine, group=group)
+    flat = out.tolist()
+    return [flat[r * len(counts) : (r + 1) * len(counts)] for r in range(size)]
 
 
 def all_gather_no_grad(t: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
-    """Concatenate every rank's ``t`` (first dims ``sizes``) along dim 0, in rank order."""
+    """Concatenate every rank's ``t`` (first dims ``sizes``) along dim 0, in rank order.
+
+    One ``all_gather_into_tensor`` into a flat output: with equal sizes that output already is
+    the concatenation; uneven ones are padded to the longest and cut out of it.
+    """
     size, _ = world(group)
     if size == 1:
         return t
     longest = max(sizes)
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(size)]
+    if t.shape[0] != longest:
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        t = padded
+    out = t.new_empty((size * longest, *t.shape[1:]))
     with phases.span("head/collectives"):
-        dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    if all(n == longest for n in sizes):
+        return out
+    return torch.cat([out[r * longest : r * longest + n] for r, n in enumerate(sizes)])
 
 
 class _AllGatherScaled(torch.autograd.Function):

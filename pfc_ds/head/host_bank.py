@@ -17,45 +17,60 @@ the bank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from pfc_ds.head.bank import CenterBank, init_centres, round_to_bf16, round_to_fp16
+from pfc_ds.head.bank import CenterBank, Pending, RowIndex, init_centres
 from pfc_ds.head.row_files import FileRows, copy_range
 from pfc_ds.head.workspace import Workspace
 
 
-class Pending:
-    """A gather running on the lane; ``wait()`` returns its output on the compute device."""
+def register_pinned(t: torch.Tensor) -> None:
+    """Page-lock ``t``'s memory where it is (``cudaHostRegister``): no pageable copy first, as
+    ``pin_memory()`` makes, and no rounding up to a power of two, as the caching host allocator
+    does: a pinned bank takes exactly its bytes."""
+    if t.numel() == 0:
+        return
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes: {err}")
 
-    def __init__(self, future: Future, out: torch.Tensor) -> None:
-        self._future, self._out = future, out
 
-    def wait(self) -> torch.Tensor:
-        event = self._future.result()
-        if event is not None:  # the side stream's copy: order the current stream after it
-            torch.cuda.current_stream().wait_event(event)
-        return self._out
+def unregister_pinned(t: torch.Tensor) -> None:
+    if t.numel():
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 class PinnedPool:
-    """Reused pinned host buffers for the lane's device copies: allocating pinned memory costs
-    far more than the copy (``cudaHostAlloc`` maps every page), so after the first step no
-    buffer is allocated again. A buffer is reused once the copies that read or wrote it are
-    done (``busy()`` false); the pool grows only while every buffer is busy."""
+    """Reused host buffers for the lane's device copies (page-locked when the device is a GPU):
+    pinning memory costs far more than the copy (it maps every page), so after the first step
+    no buffer is allocated again. Buffers are pinned in place at their size (no power-of-two
+    rounding). A buffer is reused once the copies that read or wrote it are done (``busy()``
+    false); the pool grows only while every buffer is busy."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._free: list[torch.Tensor] = []
         self._busy: list[tuple[torch.Tensor, object]] = []
         self._lock = threading.Lock()
+        self._registered: list[torch.Tensor] = []
+        weakref.finalize(self, _unregister_all, self._registered)
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if self.pin:
+            register_pinned(buf)
+            self._registered.append(buf)
+        return buf
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``shape``/``dtype`` view of a free buffer, and the buffer (for ``lend``)."""
@@ -69,7 +84,7 @@ class PinnedPool:
             if fits:  # the smallest that fits (by index: ``==`` on tensors compares values)
                 buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             else:
-                buf = torch.empty(max(need, 1), dtype=torch.uint8, pin_memory=self.pin)
+                buf = self._allocate(max(need, 1))
         return buf[:need].view(dtype).view(shape), buf
 
     def lend(self, buf: torch.Tensor, busy) -> None:
@@ -83,7 +98,19 @@ class PinnedPool:
 
 
 class HostBank(CenterBank):
-    """A ``CenterBank`` whose tensors live in host memory (pinned when the device is a GPU)."""
+    """A ``CenterBank`` whose tensors live in host memory (page-locked when the device is a
+    GPU), and whose rows travel to the compute device and back.
+
+    The CUDA ordering, all by events (the main thread never waits for the GPU):
+
+    * the step's sampled index is copied to a pinned host buffer on the compute stream, with a
+      blocking-sync event the lane waits on before it reads rows (``index``);
+    * a gather's host-to-device copy runs on a side stream that first waits for the compute
+      stream's position at submission (the shared row buffer's earlier readers), and the
+      compute stream waits for the copy's event when it needs the rows (``Pending.wait``);
+    * a write's device-to-host copy runs on the compute stream into a pinned buffer, and the
+      lane waits for its event before copying the rows into the bank.
+    """
 
     resident = False
     pin_storage = True
@@ -93,20 +120,38 @@ class HostBank(CenterBank):
         weight: torch.Tensor,
         device: torch.device | str,
         momentum_dtype: torch.dtype | None = None,
+        *,
+        row_offset: int = 0,
         seed: int = 0,
     ) -> None:
         self.compute = torch.device(device)
-        self.pinned = self.compute.type == "cuda"  # copies go through pinned buffers
-        if self.pinned and self.pin_storage and not weight.is_pinned():
-            weight = weight.pin_memory()
-        super().__init__(weight, momentum_dtype, seed)
+        self._registered: list[torch.Tensor] = []  # page-locked in place (unregistered at exit)
+        super().__init__(weight, momentum_dtype, row_offset=row_offset, seed=seed)
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="pfc-bank")
         self._last: Future | None = None
-        self._stream = torch.cuda.Stream(self.compute) if self.pinned else None
-        self._device_ws = Workspace(self.compute)  # rounding happens on the compute device
-        self._pool = PinnedPool(self.pinned)  # host ends of the lane's copies
+        self._host_staging = Workspace(torch.device("cpu"))  # dtype-changing host reads
+        self._index_buffers: dict[int, torch.Tensor] = {}  # host index -> its pool buffer
+        self._bind()
         # Seconds the lane spent and bytes it moved, by kind: what pfc_ds.scale reports.
         self.lane = {"gather_s": 0.0, "gather_bytes": 0, "write_s": 0.0, "write_bytes": 0}
+        weakref.finalize(self, _unregister_all, self._registered)
+
+    def _bind(self) -> None:
+        """Set up the copies for the compute device: ``remote`` (rows cross to another
+        device), ``cuda`` (pinned buffers, a side stream and events)."""
+        self.remote = self.compute.type != "cpu"
+        self.cuda = self.compute.type == "cuda"
+        self._stream = torch.cuda.Stream(self.compute) if self.cuda else None
+        self._pool = PinnedPool(self.cuda)
+        if self.cuda and self.pin_storage:
+            for t in (self.weight, *self.states.values()):
+                self._pin(t)
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cuda and self.pin_storage and not any(t is r for r in self._registered):
+            register_pinned(t)
+            self._registered.append(t)
+        return t
 
     @property
     def device(self) -> torch.device:
@@ -120,14 +165,21 @@ class HostBank(CenterBank):
         """Only the compute side moves; the rows stay where they are."""
         self.flush()
         self.compute = torch.device(device)
-        self._device_ws = Workspace(self.compute)
-        self.pinned = self.compute.type == "cuda"
-        self._stream = torch.cuda.Stream(self.compute) if self.pinned else None
-        self._pool = PinnedPool(self.pinned)
+        self._staging = Workspace(self.compute)
+        self._finite = None if self._finite is None else self._finite.to(self.compute)
+        self._bind()
 
     def _new_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.zeros(shape, dtype=dtype)
-        return t.pin_memory() if self.pinned and self.pin_storage else t
+        return self._pin(torch.zeros(shape, dtype=dtype))
+
+    def _drop_states(self) -> None:
+        self.flush()
+        for t in self.states.values():
+            for i, r in enumerate(self._registered):
+                if r is t:
+                    unregister_pinned(self._registered.pop(i))
+                    break
+        self.states = {}
 
     # ---- the lane --------------------------------------------------------------------------
 
@@ -139,72 +191,93 @@ class HostBank(CenterBank):
         if self._last is not None:
             self._last.result()
 
-    def _gather_job(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor):
+    def index(self, rows: torch.Tensor) -> RowIndex:
+        """The step's rows on the host too: copied without blocking into a pinned buffer that
+        the lane reads once the copy's event is reached (a host index given is copied to the
+        compute device instead, for callers outside the step)."""
+        if not self.remote:
+            return RowIndex(rows, rows)
+        if rows.device.type == "cpu":
+            return RowIndex(rows.to(self.compute), rows)
+        host, buf = self._pool.take(tuple(rows.shape), rows.dtype)
+        host.copy_(rows, non_blocking=True)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event(blocking=True)
+            ready.record()
+        self._index_buffers[host.data_ptr()] = buf
+        return RowIndex(rows, host, ready)
+
+    def release(self, rows: RowIndex) -> None:
+        """The pinned index buffer goes back to the pool once the lane's jobs (which may
+        still read it) are done."""
+        buf = self._index_buffers.pop(rows.storage.data_ptr(), None)
+        if buf is not None:
+            last = self._last
+            self._pool.lend(buf, lambda: last is not None and not last.done())
+
+    def _gather_rows(self, src: torch.Tensor, rows: RowIndex, out: torch.Tensor | None) -> Pending:
+        """Queue ``src[rows]`` into ``out`` (compute device) on the lane."""
+        if out is None:
+            out = torch.empty((len(rows), *src.shape[1:]), device=self.compute)
+        after = None
+        if self.cuda:  # out's earlier readers: the side stream's copy waits for them
+            after = torch.cuda.Event()
+            after.record()
+
         def job():
             t0 = time.perf_counter()
             try:
-                if not self.pinned:
-                    self._read(src, rows, out)
+                if rows.ready is not None:
+                    rows.ready.synchronize()
+                if not self.remote:
+                    self._read(src, rows.storage, out)
                     return None
                 host, buf = self._pool.take((len(rows), *src.shape[1:]), src.dtype)
-                self._read(src, rows, host)
-                with torch.cuda.stream(self._stream):
+                self._read(src, rows.storage, host)
+                if not self.cuda:  # another device that is not a GPU: its own copy
                     out.copy_(host, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-                self._pool.lend(buf, lambda: not event.query())
-                return event
+                    self._pool.lend(buf, lambda: False)
+                    return None
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(after)
+                    out.copy_(host, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                self._pool.lend(buf, lambda: not done.query())
+                return done
             finally:
                 self.lane["gather_s"] += time.perf_counter() - t0
                 self.lane["gather_bytes"] += len(rows) * src[0].numel() * src.element_size()
 
-        return job
+        return Pending(self._submit(job), out)
 
     def _read(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
         """On the lane: ``out = src[rows]`` (``out`` on the host; any dtype)."""
-        CenterBank._gather(self, src, rows, out)
+        CenterBank._gather(self, src, rows, out, self._host_staging)
 
     def _copy_in(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         """On the lane: ``target[rows] = values``."""
         target.index_copy_(0, rows, values)
 
-    def gather_async(self, rows: torch.Tensor, out: torch.Tensor) -> Pending:
-        """Start copying the weight ``rows`` (host index) into ``out`` (compute device)."""
-        return Pending(self._submit(self._gather_job(self.weight, rows, out)), out)
-
-    def _gather(
-        self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None
-    ) -> torch.Tensor:
-        if out is None:
-            out = torch.empty((len(rows), *src.shape[1:]), device=self.compute)
-        return Pending(self._submit(self._gather_job(src, rows, out)), out).wait()
-
-    def _store(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Round on the compute device (half the bytes to move back)."""
-        if dtype == x.dtype or not dtype.is_floating_point:
-            return x.to(dtype)
-        gen = self.rounding.generator(x.device)
-        out = self._device_ws.get("store", tuple(x.shape), dtype)
-        rounding = round_to_bf16 if dtype == torch.bfloat16 else round_to_fp16
-        return rounding(x, gen, out)
-
-    def _write(self, target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Queue the write: the lane owns copies of ``rows`` and ``values`` (the caller's
-        buffers are reused at once); later gathers of these rows wait behind it."""
-        rows = rows.clone()
-        event = None
+    def _write(self, target: torch.Tensor, rows: RowIndex, values: torch.Tensor) -> None:
+        """Queue the write: the lane owns a copy of ``values`` (the caller's buffer is reused at
+        once); later gathers of these rows wait behind it."""
         host, buf = self._pool.take(tuple(values.shape), values.dtype)
-        host.copy_(values, non_blocking=self.pinned)
-        if self.pinned:
-            event = torch.cuda.Event()
-            event.record()
+        host.copy_(values, non_blocking=self.remote)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event(blocking=True)
+            ready.record()
 
         def job():
             t0 = time.perf_counter()
             try:
-                if event is not None:
-                    event.synchronize()
-                self._copy_in(target, rows, host)
+                if ready is not None:
+                    ready.synchronize()
+                if rows.ready is not None:
+                    rows.ready.synchronize()
+                self._copy_in(target, rows.storage, host)
             finally:
                 self.lane["write_s"] += time.perf_counter() - t0
                 self.lane["write_bytes"] += host.numel() * host.element_size()
@@ -215,8 +288,15 @@ class HostBank(CenterBank):
     def nbytes(self) -> dict[str, int]:
         self.flush()
         out = super().nbytes()
-        out["staging"] += self._device_ws.nbytes() + self._pool.nbytes()
+        out["staging"] += self._host_staging.nbytes() + self._pool.nbytes()
         return out
+
+
+def _unregister_all(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+            unregister_pinned(t)
+    tensors.clear()
 
 
 def _mapped(
@@ -280,7 +360,7 @@ class DiskBank(HostBank):
             r1 = min(num_local, r0 + _INIT_CHUNK_ROWS)
             weight[r0:r1] = init_centres(seed, class_start + r0, r1 - r0, embedding_size, dtype)
             self._release()
-        super().__init__(weight, device, momentum_dtype, rounding_seed)
+        super().__init__(weight, device, momentum_dtype, row_offset=class_start, seed=rounding_seed)
 
     def _file(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         tensor, mm = _mapped(self.path / f"{self.prefix}.{name}.bin", shape, dtype)

@@ -15,8 +15,15 @@ normalisation's Jacobian is applied in closed form:
     dL/de_i = sum_j G_ij r_j w_j
     dL/dw_j = r_j sum_i G_ij e_i - r_j^2 (sum_i G_ij cos_ij) w_j
 
-All three GEMMs take ``gemm_dtype`` inputs (fp16/bf16 halve their time on a GPU) and produce
-fp32. Nothing here reads a value back to the host.
+All three GEMMs take ``gemm_dtype`` inputs (fp16/bf16 halve their time on a GPU), accumulate
+in fp32 and return fp32 (``torch.mm(..., out_dtype=float32)`` on a GPU; a CPU has no such
+kernel and multiplies the half-rounded operands in fp32, the same arithmetic). Row norms are
+applied to the fp32 outputs, so cosines stay fp32 (bf16 cosines would be quantised to about
+0.4%, ±0.25 logit at s=64). The backward's half operand ``G r`` carries the loss scale (2^16 at
+DeepSpeed's default) times ``s / N`` times ``1/|w|``: it is scaled by a power of two to at most
+2^14 before the cast and the GEMMs' fp32 outputs are scaled back, so it can neither overflow
+fp16 nor lose its small probabilities to underflow, at any loss scale or batch size. Nothing
+here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -37,10 +44,38 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 _MIN_CHUNK = 256
 # A finite "minus infinity" for the running max: exp(-inf - _FLOOR) is 0 and never NaN.
 _FLOOR = -1e30
+# The backward's half-precision GEMM operand is scaled to at most this magnitude (fp16's largest
+# finite value is 65504; the headroom keeps the cast of a rounded-up value finite).
+_HALF_LIMIT = 2.0**14
+_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=fp32) works there
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` accumulated in fp32 with an fp32 result, for fp32 or equal half inputs."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+    kind = a.device.type
+    if _OUT_DTYPE.get(kind, True):
+        try:
+            if out is not None:
+                return torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (NotImplementedError, RuntimeError, TypeError):
+            _OUT_DTYPE[kind] = False  # no such kernel here: multiply the half values in fp32
+    r = torch.mm(a.float(), b.float())
+    return r if out is None else out.copy_(r)
+
+
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """0-dim fp32 power of two bringing ``max |x|`` to at most ``_HALF_LIMIT`` (and an all-zero
+    ``x`` to a harmless 2^30): exact to apply and to undo."""
+    amax = x.abs().amax().clamp_min_(2.0**-100)
+    return torch.exp2(torch.floor(torch.log2(_HALF_LIMIT / amax))).clamp_(2.0**-30, 2.0**30)
 
 
 class GradSink(Protocol):
     grad: torch.Tensor | None
+    open: bool
 
     def grad_buffer(self) -> torch.Tensor: ...
 
@@ -54,14 +89,28 @@ def chunk_size(batch: int, num_sample: int, budget_bytes: int = DEFAULT_CHUNK_BY
 
 
 class _Chunks:
-    """What forward and backward share: inputs, the chunk loop and one chunk's logits."""
+    """What forward and backward share: inputs, the chunk loop and one chunk's logits.
+
+    GEMM operands are ``gemm_dtype`` on a GPU; on a CPU, which has no fp32-output half GEMM,
+    they are rounded to ``gemm_dtype`` and kept in fp32, so both compute the same products.
+    """
 
     def __init__(self, emb, rows, inv_norm, target, active, margin, gemm_dtype, chunk, ws):
-        self.emb = emb if gemm_dtype is None else emb.to(gemm_dtype)
+        self.gemm_dtype = gemm_dtype
+        self.half_in_fp32 = gemm_dtype is not None and emb.device.type == "cpu"
+        self.emb = self.operand(emb)
         self.rows, self.inv_norm, self.target = rows, inv_norm, target
-        self.active, self.margin, self.gemm_dtype = active, margin, gemm_dtype
+        self.active, self.margin = active, margin
         self.chunk, self.ws = chunk, ws
         self.has = target >= 0
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a GEMM operand: in ``gemm_dtype``, or rounded to it and fp32 on a CPU."""
+        if self.gemm_dtype is None:
+            return x
+        if self.half_in_fp32:
+            return x.to(self.gemm_dtype).float()
+        return x if x.dtype == self.gemm_dtype else x.to(self.gemm_dtype)
 
     def ranges(self):
         s = self.rows.shape[0]
@@ -69,18 +118,13 @@ class _Chunks:
             yield c0, min(s, c0 + self.chunk)
 
     def rows_of(self, c0: int, c1: int) -> torch.Tensor:
-        r = self.rows[c0:c1]
-        return r if self.gemm_dtype is None or r.dtype == self.gemm_dtype else r.to(self.gemm_dtype)
+        return self.operand(self.rows[c0:c1])
 
     def cosine(self, c0: int, c1: int, name: str) -> torch.Tensor:
         """``(N, c1 - c0)`` fp32 cosines in workspace buffer ``name``."""
         out = self.ws.get(name, (self.emb.shape[0], c1 - c0), torch.float32)
-        r = self.rows_of(c0, c1)
         with phases.span("head/gemm"):
-            if self.emb.dtype == torch.float32 and r.dtype == torch.float32:
-                torch.mm(self.emb, r.t(), out=out)
-            else:
-                out.copy_(self.emb @ r.t())
+            _mm32(self.emb, self.rows_of(c0, c1).t(), out=out)
         return out.mul_(self.inv_norm[c0:c1]).clamp_(-1.0, 1.0)
 
     def target_cols(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +152,33 @@ class _Chunks:
     def target_cosine(self) -> torch.Tensor:
         """``(N,)`` cosine of each row's target column (0 where another rank owns it)."""
         col = self.target.clamp(min=0)
-        r = self.rows.index_select(0, col)
-        if self.gemm_dtype is not None:
-            r = r.to(self.gemm_dtype)
+        r = self.operand(self.rows.index_select(0, col))
         dot = (self.emb.float() * r.float()).sum(dim=1)
         return (dot * self.inv_norm[col]).clamp_(-1.0, 1.0)
+
+    def backward_gemms(
+        self, grad_r: torch.Tensor, c0: int, c1: int, grad_emb: torch.Tensor, block: torch.Tensor,
+        fresh: bool,
+    ) -> None:  # fmt: skip
+        """``grad_emb += grad_r @ rows`` and ``block (=|+=) grad_r^T @ emb`` for ``grad_r`` =
+        ``dL/dcos * r`` of this chunk, through half operands scaled by a power of two."""
+        rows_c = self.rows_of(c0, c1)
+        if self.gemm_dtype is None:
+            grad_emb.addmm_(grad_r, rows_c)
+            if fresh:
+                torch.mm(grad_r.t(), self.emb, out=block)  # into the sink: no S x D temporary
+            else:
+                block.addmm_(grad_r.t(), self.emb)
+            return
+        f = _pow2_scale(grad_r)
+        half = self.ws.get("block_half", tuple(grad_r.shape), self.gemm_dtype)
+        gr = self.operand(torch.mul(grad_r, f, out=half))
+        grad_emb.addcdiv_(_mm32(gr, rows_c), f)
+        rows_grad = _mm32(gr.t(), self.emb)
+        if fresh:
+            torch.div(rows_grad, f, out=block)
+        else:
+            block.addcdiv_(rows_grad, f)
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
@@ -152,6 +218,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         emb, inv_norm, target, row_max, sum_exp, t_logit, d_margin = ctx.saved_tensors
+        if not ctx.sink.open:
+            raise RuntimeError(
+                "PartialFC: backward of a forward whose rows the head has dropped (a later "
+                "forward sampled anew, or the optimizer stepped): for gradient accumulation "
+                "call head.prefetch([labels of each micro-batch]) at the start of the window"
+            )
         gemm_dtype, chunk, ws = ctx.opts
         rows = ctx.sink.current_rows()  # the shared row buffer may have served a later forward
         c = _Chunks(emb, rows, inv_norm, target, ctx.active, ctx.margin, gemm_dtype, chunk, ws)
@@ -180,17 +252,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
             r = inv_norm[c0:c1]
             coef = cos.mul_(dcos).sum(dim=0).mul_(r).mul_(r).neg_()
             grad_r = dcos.mul_(r)
-            rows_c = c.rows_of(c0, c1)
-            gr = grad_r if gemm_dtype is None else grad_r.to(gemm_dtype)
             block = grad_rows[c0:c1]
             with phases.span("head/gemm"):
-                grad_emb.add_(gr @ rows_c)
-                if gr.dtype != torch.float32:  # half GEMM inputs, fp32 sink
-                    block.copy_(gr.t() @ c.emb) if fresh else block.add_(gr.t() @ c.emb)
-                elif fresh:
-                    torch.mm(gr.t(), c.emb, out=block)  # into the sink: no S x D temporary
-                else:
-                    block.addmm_(gr.t(), c.emb)
+                c.backward_gemms(grad_r, c0, c1, grad_emb, block, fresh)
             block.addcmul_(rows[c0:c1], coef[:, None])
         sink.grad = grad_rows
         return grad_emb, None, None, None, None, None, None, None, None, None

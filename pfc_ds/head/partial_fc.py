@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from pfc_ds import phases
-from pfc_ds.head import seeds
-from pfc_ds.head.bank import ROW_STATES, STORAGE_DTYPES, CenterBank, init_centres
+from pfc_ds.head.bank import (
+    ROW_STATES,
+    STORAGE_DTYPES,
+    CenterBank,
+    Pending,
+    RowIndex,
+    init_centres,
+)
 from pfc_ds.head.collectives import (
     ProcessGroup,
     all_gather_no_grad,
@@ -31,35 +38,49 @@ _STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
 
 
 @dataclass
-class SampledRows:
-    """Rows of one forward pass: local indices, their values, and ``dL/drows`` after backward.
+class Window:
+    """One accumulation window: the rows sampled once for all its micro-batches, and their
+    summed gradient.
 
-    ``rows`` (fp32, or the storage dtype when the GEMMs run in it) sit in one workspace buffer
-    shared by all forwards: a later forward may reuse it, and ``current_rows()`` then gathers
-    them again from the bank (unchanged until the optimizer steps). Only ``grad`` (fp32) is
-    kept per forward (slot ``slot``) until the optimizer consumes it. ``active`` marks the
-    columns in the loss (``None``: all; see ``ClassSampler``).
+    ``index`` (compute device) and ``bank_rows`` (the same rows where the bank keeps them) are
+    the ``S`` sorted local rows; ``rows`` their values (fp32, or the storage dtype when the GEMMs
+    run in it) in one workspace buffer shared by all forwards, valid once ``pending`` (an
+    offloaded bank's gather) is waited for. ``labels[k]``: the global batch of micro-batch ``k``
+    as local rows (anything outside ``[0, num_local)`` belongs to another rank); ``declared``:
+    each micro-batch's local labels as ``prefetch`` got them; ``sizes[k]``: every rank's batch
+    size. ``grad`` (fp32, ``S x D``) holds ``dL/drows`` summed over the micro-batches run so
+    far; ``active`` marks the columns in the loss (``None``: all; see ``ClassSampler``).
     """
 
     index: torch.Tensor
+    bank_rows: RowIndex
     rows: torch.Tensor
     active: torch.Tensor | None
-    slot: int
+    labels: list[torch.Tensor]
+    declared: list[torch.Tensor]
+    sizes: list[list[int]]
     workspace: Workspace = field(repr=False)
     bank: CenterBank = field(repr=False)
+    pending: Pending | None = None
     uses: int | None = None  # workspace uses of "rows" right after the gather; None: not shared
+    forwards: int = 0
+    open: bool = True  # False once the head dropped it: a late backward must not add to it
     grad: torch.Tensor | None = None
     _finite: tuple[int, torch.Tensor | None] = (-1, None)  # (grad._version, flag)
 
     def grad_buffer(self) -> torch.Tensor:
-        return self.workspace.get(f"grad{self.slot}", tuple(self.rows.shape), torch.float32)
+        return self.workspace.get("grad", tuple(self.rows.shape), torch.float32)
 
     def current_rows(self) -> torch.Tensor:
-        """The gathered rows, gathered again if another forward took the shared buffer since."""
+        """The gathered rows, gathered again if a forward outside this window took the shared
+        buffer since."""
+        if self.pending is not None:
+            self.rows, self.pending = self.pending.wait(), None
         if self.uses is None or self.workspace.uses("rows") == self.uses:
             return self.rows
         out = self.workspace.get("rows", tuple(self.rows.shape), self.rows.dtype)
-        self.rows, self.uses = self.bank.gather(self.index, out=out), self.workspace.uses("rows")
+        self.rows = self.bank.gather(self.bank_rows, out=out)
+        self.uses = self.workspace.uses("rows")
         return self.rows
 
     def grad_is_finite(self) -> torch.Tensor:
@@ -89,41 +110,37 @@ def row_blocks(num_rows: int, dim: int, block_bytes: int | None = None):
 
 @dataclass
 class RowGrads:
-    """What the sparse optimizers update: every pending row once, with its summed gradient.
+    """What the sparse optimizers update: the window's distinct rows with their summed gradient.
 
-    Under accumulation a row sampled by several micro-batches appears once per sampling, each
-    copy carrying the same summed gradient and weight, so writing them all back is the same as
-    writing one. ``mask`` (``None``: all) says which entries may change; ``finite`` whether all
-    gradients are finite. ``rows``: the current weights of ``index`` as gathered for the forward
-    (any dtype), or ``None`` to gather them from the bank block by block. ``full``: ``index`` is
-    the whole shard in order and ``rows`` is the bank's own fp32 tensor, updated in place.
-    ``distinct``: no row repeats, so blocks may be updated one after another; repeated rows
-    (the union) go in one block, each copy reading the state from before any write.
+    ``mask`` (``None``: all) says which rows may change; ``finite`` whether all gradients are
+    finite. ``rows``: the current weights of ``index`` as gathered for the forward (any dtype,
+    on the compute device), or ``None`` to gather them from the bank block by block. ``full``:
+    ``index`` is the whole shard in order and ``rows`` is the bank's own fp32 tensor, updated in
+    place.
     """
 
-    index: torch.Tensor
+    index: RowIndex
     grad: torch.Tensor
     rows: torch.Tensor | None
     mask: torch.Tensor | None
     finite: torch.Tensor
     full: bool = False
-    distinct: bool = True
 
     def blocks(self):
-        """``(r0, r1)`` row ranges for the optimizer (one range when rows repeat)."""
-        if not self.distinct:
-            return [(0, len(self.index))]
+        """``(r0, r1)`` row ranges for the optimizer."""
         return row_blocks(len(self.index), self.grad.shape[1])
 
-    def weight(self, r0: int, r1: int, bank: CenterBank, ws: Workspace) -> torch.Tensor:
-        """fp32 weights of rows ``r0:r1``: a view where they are fp32 already, else a copy in
-        a block-sized workspace buffer."""
+    def weight_async(
+        self, r0: int, r1: int, bank: CenterBank, ws: Workspace, slot: int = 0
+    ) -> Pending:
+        """fp32 weights of rows ``r0:r1``: a view where they are fp32 already, else a copy in a
+        block-sized workspace buffer (``slot`` of two, so a block can be read ahead)."""
         if self.rows is not None and self.rows.dtype == torch.float32:
-            return self.rows[r0:r1]
-        out = ws.get("weight_block", (r1 - r0, self.grad.shape[1]), torch.float32)
+            return Pending(None, self.rows[r0:r1])
+        out = ws.get(f"weight_block{slot}", (r1 - r0, self.grad.shape[1]), torch.float32)
         if self.rows is not None:
-            return out.copy_(self.rows[r0:r1])
-        return bank.gather(self.index[r0:r1], out=out)
+            return Pending(None, out.copy_(self.rows[r0:r1]))
+        return bank.gather_async(self.index[r0:r1], out)
 
 
 class PartialFC(torch.nn.Module):
@@ -132,7 +149,15 @@ class PartialFC(torch.nn.Module):
     ``forward`` all-gathers embeddings and labels, samples this shard's rows, and returns the
     margin-softmax cross-entropy over the global batch (identical on every rank). The gradient
     that reaches ``local_embeddings`` is ``W * dL/de_local`` (see ``all_gather_with_grad``);
-    the sampled rows get exactly ``dL/drows`` and wait in ``pending`` for the optimizer.
+    the sampled rows get exactly ``dL/drows`` and wait in ``window`` for the optimizer.
+
+    **Gradient accumulation.** ``prefetch([labels_1, ..., labels_K])`` opens a window of K
+    micro-batches: their labels are gathered once and the rows sampled once, for all of them
+    (every positive of the K global batches, plus negatives), then each of the K forwards uses
+    those rows and every backward adds into one ``S x D`` gradient. K micro-batches of B thus
+    behave exactly like one batch of K x B, and cost the memory of one. A forward without a
+    window samples for its own micro-batch; a second forward whose window may still get a
+    gradient, with no ``prefetch`` and no optimizer step between, raises.
 
     A step makes no host sync when ``even_batches`` is set (every rank passes the same batch
     size, as the trainer's loaders guarantee); otherwise the ranks exchange their sizes first.
@@ -190,7 +215,6 @@ class PartialFC(torch.nn.Module):
         self.gemm_dtype = None if gemm_dtype == torch.float32 else gemm_dtype
         self.even_batches = even_batches
         self.chunk = chunk
-        rounding = seeds.rounding(seed, rank)
         if bank == "disk":
             if bank_path is None:
                 raise ValueError("a disk bank needs bank_path (a folder for its files)")
@@ -205,18 +229,18 @@ class PartialFC(torch.nn.Module):
                 rank=rank,
                 world_size=world_size,
                 momentum_dtype=momentum_dtype,
-                rounding_seed=rounding,
+                rounding_seed=seed,
             )
         else:
             weight = init_centres(seed, self.class_start, self.num_local, embedding_size, dtype)
+            where = {"row_offset": self.class_start, "seed": seed}
             if bank == "host":
-                self.bank = HostBank(weight, device, momentum_dtype, seed=rounding)
+                self.bank = HostBank(weight, device, momentum_dtype, **where)
             else:
-                self.bank = CenterBank(weight.to(device), momentum_dtype, seed=rounding)
-        self._prefetched = None
+                self.bank = CenterBank(weight.to(device), momentum_dtype, **where)
         self.sampler = ClassSampler(self.num_local, sample_rate, seed, rank)
         self.workspace = Workspace(device)
-        self.pending: list[SampledRows] = []
+        self.window: Window | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -243,9 +267,9 @@ class PartialFC(torch.nn.Module):
         super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self.bank.device)).device
         if device != self.bank.device:
+            self.clear_window()
             self.bank.to(device)
             self.workspace = Workspace(device)
-            self.pending.clear()
         return self
 
     # ---- forward -----------------------------------------------------------------------------
@@ -255,10 +279,16 @@ class PartialFC(torch.nn.Module):
             raise ValueError(
                 f"embeddings must have shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}"
             )
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        if labels.shape[:1] != embeddings.shape[:1]:
             raise ValueError(
                 f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}"
             )
+        self._check_label_tensor(labels)
+
+    @staticmethod
+    def _check_label_tensor(labels: torch.Tensor) -> None:
+        if labels.dim() != 1:
+            raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(
                 f"labels must be an integer tensor, got {labels.dtype} "
@@ -277,76 +307,99 @@ class PartialFC(torch.nn.Module):
                 f"({int(bad.sum())} bad label(s) in the global batch)"
             ) from None
 
-    def _sizes(self, n: int, device: torch.device) -> list[int]:
+    def _sizes(self, counts: list[int], device: torch.device) -> list[list[int]]:
+        """``sizes[k][r]``: rank ``r``'s batch size in micro-batch ``k``."""
         if self.even_batches:
-            return [n] * self.world_size
-        return gather_sizes(n, device, self.process_group)
+            return [[n] * self.world_size for n in counts]
+        per_rank = gather_sizes(counts, device, self.process_group)
+        return [[per_rank[r][k] for r in range(self.world_size)] for k in range(len(counts))]
 
-    def _sample(self, local_labels: torch.Tensor, sizes: list[int]):
-        """All-gather and check the labels, then sample this shard's rows; start their gather.
+    def prefetch(self, local_labels: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Open an accumulation window: sample this shard's rows for the labels of all its
+        micro-batches (one tensor per micro-batch, in the order of the forwards) and start
+        gathering them.
 
-        Returns ``(index, target, active, rows, pending)``: ``pending`` is the running gather
-        of a host or disk bank (``None`` once ``rows`` hold the values).
+        Call it before the backbone's forward: a host or disk bank then copies the rows while
+        the backbone computes. It all-gathers the labels, so every rank must call it, as
+        ``forward``. The forwards that follow must get the same label tensors (or equal ones).
         """
-        group, device = self.process_group, self.bank.device
+        batches = [local_labels] if isinstance(local_labels, torch.Tensor) else list(local_labels)
+        if not batches:
+            raise ValueError("prefetch needs the labels of at least one micro-batch")
+        for labels in batches:
+            self._check_label_tensor(labels)
+        if self.window is not None and self.window.grad is not None:
+            raise ValueError(
+                "PartialFC.prefetch: the previous window still holds row gradients; call the "
+                "optimizer's step() or zero_grad() before opening the next window"
+            )
+        self.clear_window()
+        device = self.bank.device
+        sizes = self._sizes([b.shape[0] for b in batches], batches[0].device)
+        flat = batches[0] if len(batches) == 1 else torch.cat(batches)
+        totals = [sum(k[r] for k in sizes) for r in range(self.world_size)]
         # Labels first: every rank sees a bad label and raises together, none hangs in a collective.
-        labels = all_gather_no_grad(local_labels.long(), sizes, group).to(device)
-        self._check_labels(labels)
+        gathered = all_gather_no_grad(flat.long(), totals, self.process_group).to(device)
+        self._check_labels(gathered)
         with phases.span("head/sample"):
-            local = labels - self.class_start
-            if not self.bank.resident:  # the rows are indexed where they live
-                local = local.to(self.bank.storage)
-            index, target, active = self.sampler.sample(local)
-            target = target.to(device)
-            active = None if active is None else active.to(device)
+            local = gathered - self.class_start
+            index, active = self.sampler.sample(local)
+            labels = _split_micro_batches(local, sizes, totals)
         same = self.gemm_dtype is not None and self.gemm_dtype == self.bank.weight.dtype
         row_dtype = self.bank.weight.dtype if same else torch.float32
+        bank_rows = self.bank.index(index)
         whole = len(index) == self.num_local and self.bank.weight.dtype == row_dtype
-        if whole and self.bank.resident:
-            return index, target, active, self.bank.weight, None  # no copy
-        out = self.workspace.get("rows", (len(index), self.embedding_size), row_dtype)
-        if self.bank.resident:
+        window = Window(index, bank_rows, self.bank.weight, active, labels, batches, sizes,
+                        self.workspace, self.bank)  # fmt: skip
+        if not (whole and self.bank.resident):  # else the bank itself: no copy
+            out = self.workspace.get("rows", (len(index), self.embedding_size), row_dtype)
             with phases.span("head/gather"):
-                return index, target, active, self.bank.gather(index, out=out), None
-        return index, target, active, out, self.bank.gather_async(index, out)
+                window.pending = self.bank.gather_async(bank_rows, out)
+            window.rows, window.uses = out, self.workspace.uses("rows")
+        self.window = window
 
-    def prefetch(self, local_labels: torch.Tensor) -> None:
-        """Sample this step's rows and start gathering them now, from the labels alone.
-
-        Call it before the backbone's forward with the labels ``forward`` will get (the same
-        tensor): a host or disk bank then copies the rows while the backbone computes. It runs
-        the labels' all-gather, so every rank must call it, as ``forward``.
-        """
-        if local_labels.dim() != 1 or local_labels.dtype.is_floating_point:
-            return  # forward raises the clear error
-        sizes = self._sizes(local_labels.shape[0], local_labels.device)
-        self._prefetched = (local_labels, sizes, self._sample(local_labels, sizes))
+    def _window_for(self, local_labels: torch.Tensor) -> tuple[Window, int]:
+        """The window and micro-batch ``local_labels`` belong to (opening one if none is)."""
+        w = self.window
+        if w is not None and w.forwards < len(w.declared):
+            k = w.forwards
+            want = w.declared[k]
+            if local_labels is not want:
+                if local_labels.shape != want.shape:
+                    raise ValueError(
+                        f"forward {k + 1} of the window got {local_labels.shape[0]} labels, "
+                        f"prefetch declared {want.shape[0]}"
+                    )
+                torch._assert_async(
+                    (local_labels.to(want.device) == want).all(),
+                    "forward's labels differ from the ones prefetch declared",
+                )
+            return w, k
+        if w is not None and w.grad is not None:
+            raise ValueError(
+                "PartialFC: another forward before the optimizer step: for gradient "
+                "accumulation call head.prefetch([labels of each micro-batch]) at the start of "
+                "the window (then K micro-batches act as one batch of K x B)"
+            )
+        self.prefetch(local_labels)
+        return self.window, 0
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(local_embeddings, local_labels)
-        group, device = self.process_group, self.bank.device
-        ready, self._prefetched = self._prefetched, None
-        if ready is not None and ready[0] is local_labels:  # sizes and sample from prefetch
-            sizes, (index, target, active, rows, pending) = ready[1], ready[2]
-        else:
-            sizes = self._sizes(local_labels.shape[0], local_labels.device)
-            index, target, active, rows, pending = self._sample(local_labels, sizes)
-        embeddings = all_gather_with_grad(local_embeddings.float(), sizes, group).to(device)
-        if pending is not None:
-            with phases.span("head/gather"):  # prefetched: only the wait is left
-                rows = pending.wait()
-        slot = len(self.pending)
-        uses = None if rows is self.bank.weight else self.workspace.uses("rows")
-        sampled = SampledRows(index, rows, active, slot, self.workspace, self.bank, uses)
-        self.pending.append(sampled)
+        w, k = self._window_for(local_labels)
+        w.forwards += 1
+        embeddings = all_gather_with_grad(local_embeddings.float(), w.sizes[k], self.process_group)
+        with phases.span("head/gather"):  # prefetched: only the wait is left
+            rows = w.current_rows()
+        target = self.sampler.targets(w.index, w.labels[k])
         return margin_softmax_cross_entropy(
-            F.normalize(embeddings, dim=1),
+            F.normalize(embeddings.to(self.bank.device), dim=1),
             rows,
             target,
             self.margin_loss,
-            group,
-            sampled,
-            active=active,
+            self.process_group,
+            w,
+            active=w.active,
             gemm_dtype=self.gemm_dtype,
             chunk=self.chunk,
             workspace=self.workspace,
@@ -355,53 +408,29 @@ class PartialFC(torch.nn.Module):
     # ---- what the optimizers see -------------------------------------------------------------
 
     def grads_finite(self) -> torch.Tensor:
-        """0-dim device bool: every pending row gradient is finite (local; never read here)."""
-        flag = torch.ones((), dtype=torch.bool, device=self.bank.device)
-        for p in self.pending:
-            flag = flag & p.grad_is_finite()
-        return flag
+        """0-dim device bool: the window's row gradient is finite (local; never read here)."""
+        if self.window is None:
+            return torch.ones((), dtype=torch.bool, device=self.bank.device)
+        return self.window.grad_is_finite()
 
     def row_grads(self) -> RowGrads | None:
-        """The pending rows and their gradients, summed over micro-batches; ``None`` if none.
-
-        Static shapes throughout (no ``unique``): a sort groups repeated rows.
-        """
-        pending = [p for p in self.pending if p.grad is not None]
-        if not pending:
+        """The window's rows and their gradients summed over its micro-batches; ``None`` if no
+        backward ran."""
+        w = self.window
+        if w is None or w.grad is None:
             return None
-        finite = self.grads_finite()
-        dim, ws = self.embedding_size, self.workspace
-        if len(pending) == 1:
-            p = pending[0]
-            full = p.rows is self.bank.weight and p.rows.dtype == torch.float32
-            return RowGrads(p.index, p.grad, p.current_rows(), p.active, finite, full=full)
-        index = torch.cat([p.index for p in pending])
-        order = index.argsort(stable=True)
-        ranked = index[order]
-        first = torch.ones_like(ranked, dtype=torch.bool)
-        first[1:] = ranked[1:] != ranked[:-1]
-        group = torch.empty_like(order)
-        group[order] = first.long().cumsum(0) - 1  # each entry's distinct row, in sorted order
-        total = ws.get("union_sum", (len(index), dim), torch.float32).zero_()
-        total.index_add_(0, group, torch.cat([p.grad for p in pending]))
-        grad = ws.get("union_grad", (len(index), dim), torch.float32)
-        torch.index_select(total, 0, group, out=grad)
-        # Every copy of a row reads the weight as it was before any write: one block.
-        weight = self.bank.gather(index, out=ws.get("union_rows", grad.shape, torch.float32))
-        mask = None
-        if any(p.active is not None for p in pending):
-            act = torch.cat(
-                [
-                    p.active if p.active is not None else torch.ones_like(p.index, dtype=torch.bool)
-                    for p in pending
-                ]
-            )
-            any_act = torch.zeros_like(index).scatter_reduce_(0, group, act.long(), "amax")
-            mask = any_act[group].bool()
-        return RowGrads(index, grad, weight, mask, finite, distinct=False)
+        rows = w.current_rows()
+        full = rows is self.bank.weight and rows.dtype == torch.float32
+        return RowGrads(w.bank_rows, w.grad, rows, w.active, self.grads_finite(), full=full)
 
-    def clear_pending(self) -> None:
-        self.pending.clear()
+    def clear_window(self) -> None:
+        """Forget the window (its gradient goes with it)."""
+        w, self.window = self.window, None
+        if w is not None:
+            w.open = False
+            if w.pending is not None:
+                w.pending.wait()  # its copy still writes the shared buffer
+            self.bank.release(w.bank_rows)
 
     def memory(self) -> dict[str, int]:
         """Bytes held between steps: ``bank`` (weights), ``optimizer_state`` (row states) and
@@ -438,7 +467,7 @@ class PartialFC(torch.nn.Module):
     ):
         """Load a shard written by the same sharding; anything else raises, never re-initialises.
 
-        ``rounding_rng`` is optional (resharded shards re-seed it).
+        ``rounding_rng`` is optional (shards written before it existed lack it).
         """
         state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         own = {k: v for k, v in state.items() if "." not in k}
@@ -462,4 +491,22 @@ class PartialFC(torch.nn.Module):
         self.sampler.load_state(own["rng"])
         if own.get("rounding_rng") is not None:
             self.bank.rounding.load_state(own["rounding_rng"])
-        self.pending.clear()
+        self.clear_window()
+
+
+def _split_micro_batches(
+    labels: torch.Tensor, sizes: list[list[int]], totals: list[int]
+) -> list[torch.Tensor]:
+    """Each micro-batch's global batch from the window's labels, gathered rank by rank: rank
+    ``r`` contributed its micro-batches' labels one after another (static offsets, no sync)."""
+    if len(sizes) == 1:
+        return [labels]
+    starts = [sum(totals[:r]) for r in range(len(totals))]
+    out = []
+    for k, per_rank in enumerate(sizes):
+        parts = []
+        for r, n in enumerate(per_rank):
+            lo = starts[r] + sum(sizes[j][r] for j in range(k))
+            parts.append(labels[lo : lo + n])
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+    return out

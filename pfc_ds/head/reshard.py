@@ -9,9 +9,9 @@ The sampler RNG cannot be carried over: W old generators do not map onto W' new 
 rank's generator is re-seeded from ``(seed, dst_world, dst_rank)`` (see ``resharded_rng``), so a
 resharded run is deterministic for a given seed; the trainer passes a seed derived from its
 config seed and the step of the checkpoint. With ``sample_rate = 1`` the RNG is never drawn from
-and nothing changes at all. The optional ``rounding_rng`` (bf16 stochastic rounding) is dropped,
-so the new head keeps the one it was built with. A reshard to the *same* world size keeps every
-RNG state.
+and nothing changes at all. The rounding state ``rounding_rng`` (the run's seed and the
+optimizer step that key half-precision stochastic rounding) does not depend on the sharding and
+is kept. A reshard to the *same* world size keeps every RNG state.
 """
 
 from __future__ import annotations
@@ -109,14 +109,14 @@ def shard_header(
     seed: int,
 ) -> Shard:
     """The non-row keys of ``dst_rank``'s shard: sampler RNG (kept when the world size is,
-    re-seeded otherwise), the optional rounding RNG, and the sharding meta. ``first`` is the
-    first overlapping source shard."""
+    re-seeded otherwise), the rounding state (kept: the same on every rank), and the sharding
+    meta. ``first`` is the first overlapping source shard."""
     start, num = shard_range(num_classes, dst_world, dst_rank)
     extra = {}
+    if first.get("rounding_rng") is not None:
+        extra["rounding_rng"] = first["rounding_rng"].clone()
     if src_world == dst_world:
         rng = first["rng"].clone()
-        if first.get("rounding_rng") is not None:
-            extra["rounding_rng"] = first["rounding_rng"].clone()
     else:
         rng = resharded_rng(seed, dst_world, dst_rank)
     meta = {

@@ -40,18 +40,24 @@ class ClassSampler:
         self._all: torch.Tensor | None = None  # arange(num_local), kept for full-shard steps
 
     def size(self, batch: int) -> int:
-        """The static sample size for a global batch of ``batch``."""
-        if self.sample_rate >= 1.0:
-            return self.num_local
-        return min(self.num_local, max(self.num_sample, batch))
+        """The static sample size for a global batch of ``batch`` labels."""
+        return self.static_size(self.num_local, self.sample_rate, batch)
 
-    def sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``local``: each global-batch label minus the shard start (any value; out of
-        ``[0, num_local)`` means another rank owns it).
+    @staticmethod
+    def static_size(num_local: int, sample_rate: float, batch: int) -> int:
+        """``S = max(num_sample, min(batch, num_local))``, or the whole shard at rate 1 (the
+        memory model asks without building a sampler)."""
+        if sample_rate >= 1.0:
+            return num_local
+        return min(num_local, max(int(sample_rate * num_local), batch))
 
-        Returns ``(index, target, active)``: ``S`` sorted distinct rows; each label's column in
-        ``index`` or -1; and a ``(S,)`` bool mask of the columns in the loss, or ``None`` when
-        all are (always so when ``num_sample`` covers any batch).
+    def sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``local``: each label of the global batch (of a whole accumulation window) minus the
+        shard start (any value; out of ``[0, num_local)`` means another rank owns it).
+
+        Returns ``(index, active)``: ``S`` sorted distinct rows, and a ``(S,)`` bool mask of the
+        columns in the loss, or ``None`` when all are (always so when ``num_sample`` covers any
+        batch).
         """
         n, batch = self.num_local, local.shape[0]
         in_shard = (local >= 0) & (local < n)
@@ -78,9 +84,15 @@ class ClassSampler:
             if self.num_sample < batch:  # positives alone might exceed num_sample
                 wanted = torch.clamp(is_pos.sum(), min=self.num_sample)
                 active = order < wanted
+        return index, active
+
+    def targets(self, index: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Each label's column in ``index`` (from ``sample`` over labels including these), or
+        -1 where another rank owns the class."""
+        n = self.num_local
+        in_shard = (local >= 0) & (local < n)
         target = torch.searchsorted(index, local.clamp(0, n - 1))
-        target = torch.where(in_shard, target, -1)
-        return index, target, active
+        return torch.where(in_shard, target, -1)
 
     def _active_all_rows(self, local: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor:
         """Whole shard sampled but fewer rows wanted: positives plus random negatives."""

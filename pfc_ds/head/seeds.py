@@ -2,7 +2,8 @@
 
 Streams must not collide (the centres of block 3 must not equal rank 3's sampler), and each must
 be a pure function of what defines it, so one seed gives the same centres at any world size and a
-resharded run gets fresh but reproducible samplers.
+resharded run gets fresh but reproducible samplers. Stochastic rounding draws from none of them:
+its bits are a hash keyed by the run's seed and the optimizer step (``rounding.py``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ def centre_block(seed: int, block: int) -> int:
     return seed * _STRIDE + block
 
 
-def rounding(seed: int, rank: int) -> int:
-    """A rank's stochastic-rounding stream for half-precision centre storage."""
-    return seed * _STRIDE + rank
-
-
 def sampler(seed: int, rank: int) -> int:
     """A rank's negative-sampling stream."""
     return seed * _STRIDE + _RANK * rank + 1
@@ -32,8 +28,9 @@ def resharded_sampler(seed: int, world: int, rank: int) -> int:
     return (seed * _STRIDE + world * _RANK + rank * _RANK2 + 17) % (2**63)
 
 
-def resumed_rounding(seed: int, step: int) -> int:
-    """The rounding stream's base after a resume at ``step`` (rounding state is not saved)."""
+def resharded_base(seed: int, step: int) -> int:
+    """What a resume at ``step`` at another world size derives its new sampler streams from
+    (``resharded_sampler``), so two such resumes of one run agree."""
     return seed * _STRIDE + step
 
 

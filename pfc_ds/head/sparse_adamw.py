@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pfc_ds.head.partial_fc import RowGrads
 from pfc_ds.head.row_optimizer import RowSparseHead, RowSparseOptimizer
 
 
@@ -15,8 +16,8 @@ class SparseAdamW(RowSparseOptimizer):
     actually took (lazy Adam). Unsampled rows keep weight, moments and count bit-identical. The
     moments live in the bank's ``momentum_dtype`` (fp32 is advisable under fp16 storage: a
     squared gradient below 6e-8 is zero in fp16) and are checkpointed and resharded like
-    momentum. As ``SparseSGD``: fp32 math, stochastic rounding back to half storage, no host
-    sync, a device flag as the result.
+    momentum. As ``SparseSGD``: fp32 math block by block, stochastic rounding back to half
+    storage, no host sync, a device flag as the result.
     """
 
     def __init__(
@@ -37,28 +38,14 @@ class SparseAdamW(RowSparseOptimizer):
         for name in ("exp_avg", "exp_avg_sq", "steps"):
             head.bank.ensure_state(name)
 
-    @torch.no_grad()
-    def step(self, grad_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """Unscale by ``grad_scale`` and update the pending rows; returns a 0-dim device bool,
-        ``False`` when a gradient was non-finite and nothing changed."""
-        taken = self._take(grad_scale)
-        if taken is None:
-            return self._nothing()
-        rg, apply, on = taken
+    def _update(self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor) -> None:
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         bank, ws = self.head.bank, self.head.workspace
-        for r0, r1 in rg.blocks():
-            index, g = rg.index[r0:r1], rg.grad[r0:r1]
-            a, o = (apply[r0:r1], on[r0:r1]) if apply.dim() else (apply, on)
-            w = rg.weight(r0, r1, bank, ws)
-            steps = ws.get("steps", (len(index),), torch.int32)
-            bank.gather_state("steps", index, out=steps)
+        for b in self._blocks(rg, apply, on, ("steps", "exp_avg", "exp_avg_sq")):
+            g, w, a, o = b.grad, b.weight, b.apply, b.on
+            steps, m, v = b.states["steps"], b.states["exp_avg"], b.states["exp_avg_sq"]
             steps.add_(a.reshape(-1).to(torch.int32) if a.dim() else a.to(torch.int32))
-            m = bank.gather_state("exp_avg", index, out=ws.get("exp_avg", g.shape, torch.float32))
-            v = bank.gather_state(
-                "exp_avg_sq", index, out=ws.get("exp_avg_sq", g.shape, torch.float32)
-            )
             # Where nothing applies every factor is 1 and every increment 0: exact no-ops.
             m.mul_(torch.where(a, b1, 1.0)).add_(g, alpha=1 - b1)
             v.mul_(torch.where(a, b2, 1.0)).addcmul_(g, g, value=1 - b2)
@@ -68,9 +55,7 @@ class SparseAdamW(RowSparseOptimizer):
             torch.sqrt(v, out=denom).div_(torch.sqrt(1 - b2**t)).add_(eps)
             w.mul_(1 - o * (lr * wd))
             w.sub_(torch.div(m, denom, out=denom).mul_(step_size))
-            if not rg.full:
-                bank.apply_update(index, w, None)
-            bank.write_state("exp_avg", index, m)
-            bank.write_state("exp_avg_sq", index, v)
-            bank.write_state("steps", index, steps)
-        return rg.finite
+            bank.apply_update(b.index, w, None, in_place=rg.full)
+            bank.write_state("exp_avg", b.index, m)
+            bank.write_state("exp_avg_sq", b.index, v)
+            bank.write_state("steps", b.index, steps)

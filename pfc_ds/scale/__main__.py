@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
         "(PCIe), disk 10 per node (4 NVMe))",
     )
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--model)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
@@ -127,6 +128,8 @@ def head_spec(args, ids: int, rate: float, world: int) -> HeadSpec:
         optimizer=args.optimizer,
         chunk=args.chunk,
         bank=args.bank,
+        grad_accum=args.grad_accum,
+        device=args.device,
     )
 
 
@@ -185,9 +188,11 @@ def offload_line(args, where: dict[str, float], world: int) -> str:
     gbps = args.link_gbps or (25.0 * per_node if args.bank == "host" else 10.0)
     moved_node = where["moved_mb"] * per_node / 1024
     held = where["host_mb"] or where["disk_mb"]
+    pinned = where["staging_mb"] * per_node / 1024
     return (
-        f"{args.bank}: {held * per_node / 1024:.0f} GiB per node, {moved_node:.2f} GiB moved per "
-        f"step per node = {moved_node / gbps * 1e3:.0f} ms at {gbps:g} GB/s"
+        f"{args.bank}: {held * per_node / 1024:.0f} GiB per node (+ {pinned:.1f} GiB pinned "
+        f"staging), {moved_node:.2f} GiB moved per step per node = "
+        f"{moved_node / gbps * 1e3:.0f} ms at {gbps:g} GB/s"
     )
 
 

@@ -15,6 +15,8 @@ from functools import cache
 from pfc_ds.head import bank as _bank
 from pfc_ds.head import partial_fc as _partial_fc
 from pfc_ds.head.margin_softmax import chunk_size
+from pfc_ds.head.rounding import scratch_elements
+from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -43,6 +45,8 @@ class HeadSpec:
     chunk: int | None = None
     bank: str = "device"  # device | host | disk: where bank and row states live
     rank: int = 0  # the largest shard is rank 0's
+    grad_accum: int = 1  # micro-batches per optimizer step: one sample for all of them
+    device: str = "cuda"  # where the head computes (a CPU rounds in smaller passes)
 
     @property
     def num_local(self) -> int:
@@ -54,20 +58,25 @@ class HeadSpec:
 
     @property
     def sampled(self) -> int:
-        """``ClassSampler.size``: the static number of rows a step gathers."""
-        n = self.num_local
-        if self.sample_rate >= 1.0:
-            return n
-        return min(n, max(int(self.sample_rate * n), self.global_batch))
+        """``ClassSampler.size`` of the accumulation window's labels: the static number of rows
+        an optimizer step gathers (once, for all its micro-batches)."""
+        return ClassSampler.static_size(
+            self.num_local, self.sample_rate, self.global_batch * self.grad_accum
+        )
 
 
 def head_bytes(h: HeadSpec) -> dict[str, int]:
     """Bytes of one rank's head: ``bank``, ``optimizer_state``, ``workspace`` (persistent
-    per-step buffers) and ``transient`` (freed within the step)."""
+    per-step buffers) and ``transient`` (freed within the step).
+
+    Gradient accumulation adds nothing here but a larger ``S`` when the window's positives
+    outnumber ``num_sample``: the K micro-batches of a window share one sample, one row buffer
+    and one row gradient.
+    """
     n, s, d, nb = h.num_local, h.sampled, h.embedding_size, h.global_batch
     store = DTYPE_BYTES[h.dtype]
     mom = DTYPE_BYTES[h.momentum_dtype or h.dtype]
-    row = store if h.gemm_dtype == h.dtype else 4  # PartialFC.forward's row dtype
+    row = store if h.gemm_dtype == h.dtype else 4  # PartialFC.prefetch's row dtype
     whole = s == n and row == store  # the forward reads the bank itself, no gathered copy
     full = whole and store == 4  # ... and SparseSGD updates it in place
     half_state = mom != 4
@@ -75,40 +84,46 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
     # SGD: momentum; AdamW: exp_avg, exp_avg_sq and steps (int32).
     states = n * d * mom if h.optimizer == "sgd" else n * (2 * d * mom + 4)
 
-    # The optimizers work through blocks of rows (partial_fc.ROW_BLOCK_BYTES of fp32), and a
+    # The optimizers work through blocks of rows (partial_fc.ROW_BLOCK_BYTES of fp32); an
+    # offloaded bank reads the next block while one is updated (two buffers per tensor). A
     # dtype-changing gather stages bank._GATHER_BLOCK elements at a time.
     blk = min(s, max(1, _partial_fc.ROW_BLOCK_BYTES // (4 * d)))
+    slots = 1 if h.bank == "device" else 2
     staged = max(1, _bank._GATHER_BLOCK // d)
-    ws = s * d * 4  # "grad0": dL/drows (SampledRows.grad_buffer)
+    ws = s * d * 4  # "grad": dL/drows of the window (Window.grad_buffer)
     if not whole:
-        ws += s * d * row  # "rows": the gathered rows (PartialFC.forward)
-    ws += blk * d * 4 if row != 4 else 0  # "weight_block": fp32 copies of half rows
-    # Bank staging, one half-precision buffer each: "gather" (the forward's half rows, the
-    # optimizer's half states) and "store" (stochastically rounded rows).
-    gather_rows = max(
-        min(s, staged) if not whole and row != store else 0,
-        min(blk, staged) if half_state and not full else 0,
-    )
-    ws += gather_rows * d * 2
-    ws += blk * d * 2 if (store != 4 or half_state) and not full else 0
+        ws += s * d * row  # "rows": the gathered rows (PartialFC.prefetch)
+    ws += slots * blk * d * 4 if row != 4 else 0  # "weight_block{slot}": fp32 copies of half rows
+    # Bank staging: "gather" (the forward's half rows, the optimizer's half states; a device
+    # bank's), "store" (stochastically rounded rows) and "rounding_bits" (their int32 bits).
+    if h.bank == "device":
+        gather_rows = max(
+            min(s, staged) if not whole and row != store else 0,
+            min(blk, staged) if half_state and not full else 0,
+        )
+        ws += gather_rows * d * 2
+    rounds = (store != 4 or half_state) and not full
+    ws += blk * d * 2 if rounds else 0
+    ws += scratch_elements(blk, d, h.device) * 4 if rounds else 0
     if h.optimizer == "sgd":
-        ws += 0 if full else blk * d * 4  # "momentum" (SparseSGD.step)
-    else:
-        ws += 3 * blk * d * 4 + blk * 4  # "exp_avg", "exp_avg_sq", "adam_denom", "steps"
+        ws += 0 if full else slots * blk * d * 4  # "momentum{slot}" (SparseSGD)
+    else:  # "exp_avg{slot}", "exp_avg_sq{slot}", "steps{slot}", "adam_denom"
+        ws += slots * (2 * blk * d * 4 + blk * 4) + blk * d * 4
     chunk = h.chunk or chunk_size(nb, s)
     ws += 2 * nb * min(chunk, s) * 4  # "block", "block_grad" (margin_softmax)
+    if h.gemm_dtype in ("fp16", "bf16"):
+        ws += nb * min(chunk, s) * 2  # "block_half": the backward's scaled half operand
     ws += n * 8 if s == n else 0  # the sampler's arange(num_local), kept for full-shard steps
 
     # Freed within the step: embeddings (fp32, gathered), index/targets, the inverse norms,
-    # the sampler's draws (sparse path: ~6 int64 per draw) or keys over the shard (dense path),
-    # and one stochastic-rounding block (bank._SR_BLOCK elements x 4 int32 temporaries).
-    want = s + nb
-    if 2 * s > n - nb:
+    # the sampler's draws (sparse path: ~6 int64 per draw) or keys over the shard (dense path).
+    want = s + nb * h.grad_accum
+    if 2 * s > n - nb * h.grad_accum:
         sampler = n * 4 + s * 24
     else:
         draws = int(-n * math.log1p(-min(want / n, 1 - 1e-9))) + 10 * math.isqrt(want) + 64
         sampler = draws * 48
-    transient = 3 * nb * d * 4 + s * (8 + 4) + sampler + (1 << 20) * 16
+    transient = 3 * nb * d * 4 + s * (8 + 4) + sampler
     return {"bank": bank, "optimizer_state": states, "workspace": ws, "transient": transient}
 
 
@@ -201,9 +216,12 @@ def predict(
 def placement(head: HeadSpec) -> dict[str, float]:
     """Where an offloaded bank's bytes are, per rank (MB), and what a step moves.
 
-    ``host_mb``: RAM holding bank and row states (host bank; a disk bank needs none: the page
-    cache is optional); ``disk_mb``: the disk bank's files; ``moved_mb``: per step, the sampled
-    rows and their states gathered to the device and written back.
+    ``host_mb``: RAM holding bank and row states (host bank: page-locked in place, exactly its
+    bytes; a disk bank needs none: the page cache is optional); ``staging_mb``: the pinned
+    buffers of the copies (the index, the forward's rows, two blocks of optimizer reads and two
+    of writes in flight: an upper bound of what the pool settles at); ``disk_mb``: the disk
+    bank's files; ``moved_mb``: per step, the sampled rows and their states gathered to the
+    device and written back.
     """
     b = head_bytes(head)
     held = (b["bank"] + b["optimizer_state"]) / MB
@@ -212,16 +230,22 @@ def placement(head: HeadSpec) -> dict[str, float]:
     mom = DTYPE_BYTES[head.momentum_dtype or head.dtype]
     states = 1 if head.optimizer == "sgd" else 2
     moved = rows * (2 * store + 2 * states * mom) / MB  # rows in and out, states in and out
+    blk = min(head.sampled, max(1, _partial_fc.ROW_BLOCK_BYTES // (4 * head.embedding_size)))
+    block = blk * head.embedding_size
+    staging = head.sampled * 8 + rows * store  # the index, the forward's rows
+    staging += 2 * block * states * mom + 2 * block * (store + states * mom)
     from pfc_ds.head import host_bank
 
     # A disk bank's resident pages: one init chunk (drawn and mapped) or one file window.
     chunk = min(head.num_local, host_bank._INIT_CHUNK_ROWS) * head.embedding_size * store
     resident = max(2 * chunk, 2 * host_bank._WINDOW_BYTES) / MB
+    offloaded = head.bank != "device"
     return {
         "host_mb": held if head.bank == "host" else 0.0,
+        "staging_mb": staging / MB if offloaded else 0.0,
         "disk_mb": held if head.bank == "disk" else 0.0,
         "resident_mb": resident if head.bank == "disk" else 0.0,
-        "moved_mb": moved if head.bank != "device" else 0.0,
+        "moved_mb": moved if offloaded else 0.0,
     }
 
 
@@ -243,7 +267,8 @@ def max_ids(
         if predict(h, backbone, device=device, runtime_mb=runtime_mb)["total"] > budget_mb:
             return False
         where = placement(h)
-        return where["host_mb"] <= host_mb_per_rank and where["disk_mb"] <= disk_mb_per_rank
+        host = where["host_mb"] + where["staging_mb"]
+        return host <= host_mb_per_rank and where["disk_mb"] <= disk_mb_per_rank
 
     lo, hi = 0, head.world_size
     if not fits(hi):

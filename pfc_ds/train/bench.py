@@ -34,9 +34,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, config: str, ds: str, out: Path, steps: int, extra: list[str]) -> list[dict]:
+def run(
+    world: int, config: str, ds: str, out: Path, steps: int, extra: list[str], *, cpu: bool
+) -> list[dict]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    if cpu:  # the CPU table on a GPU machine too: W ranks on one GPU would ask for cuda:1
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
         "--master_port", str(_port()), "train.py", "--config", config,
@@ -73,7 +77,7 @@ def cpu_table(steps: int, rounds: int = 2) -> str:
             for world in (1, 2):
                 out = Path(tmp) / f"w{world}_{i}"
                 recs = run(world, "configs/demo_cpu.yaml", "ds_configs/cpu.json", out, steps,
-                           ["--log-every", "10"])  # fmt: skip
+                           ["--log-every", "10"], cpu=True)  # fmt: skip
                 records[world] += recs[1:]  # the first interval holds start-up costs
     rows = [(world, summarise(recs)) for world, recs in records.items()]
     lines = [
@@ -113,7 +117,7 @@ def gpu_table(steps: int) -> str:
                  "--set", "head.sample_rate=0.1", "--set", "train.batch_size=128",
                  "--log-every", "10"]  # fmt: skip
         recs = run(1, "configs/synthetic_3m_pfc01_r50.yaml", "ds_configs/zero2_fp16.json",
-                   Path(tmp) / "gpu", steps, extra)  # fmt: skip
+                   Path(tmp) / "gpu", steps, extra, cpu=False)  # fmt: skip
     s = summarise(recs[1:])
     return (
         "iresnet50, fp16, ZeRO-2, 1M ids, r = 0.1, batch 128, 1 GPU "

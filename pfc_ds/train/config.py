@@ -54,7 +54,9 @@ class HeadConfig:
     # (host RAM, rows copied per step) or disk (memory-mapped files in bank_path).
     bank: str = "device"
     bank_path: str | None = None  # disk: a folder for the bank's files (scratch space)
-    bank_prefetch: bool = True  # host/disk: gather the rows while the backbone computes
+    # Sample the window's rows and start their gather before the first backbone forward (a
+    # host or disk bank's rows then travel while the backbone computes); false: after it.
+    bank_prefetch: bool = True
     # The head's row-sparse optimizer: sgd (SparseSGD) or adamw (SparseAdamW); None: optim.name,
     # as insightface trains the head with the backbone's optimizer.
     optimizer: str | None = None
@@ -113,6 +115,10 @@ class TrainConfig:
     save_failure: str = "error"  # a checkpoint that cannot be written: error (stop) or warn
     on_divergence: str = "stop"  # stop, or rollback to the last good checkpoint at a lower LR
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
+    # GPU: fp32 matmuls and convolutions on TF32 tensor cores (10 mantissa bits in products).
+    tf32: bool = True
+    # Deterministic algorithms and no cuDNN autotuning: bit-for-bit repeatable GPU runs.
+    deterministic: bool = False
 
 
 @dataclass

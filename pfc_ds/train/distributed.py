@@ -32,7 +32,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise (or adopt an initialised) process group through DeepSpeed; ``(rank, world)``.
 
     ``timeout_s``: how long a collective waits for a peer before it fails (every group, gloo and
-    NCCL; NCCL also gets asynchronous error handling). ``None`` keeps DeepSpeed's default.
+    NCCL). ``None`` keeps DeepSpeed's default.
     """
     use_venv_extension_cache()
     import deepspeed
@@ -45,8 +45,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
 
         backend = get_accelerator().communication_backend_name()
         timeout = group_timeout(backend, timeout_s)
-        if backend == "nccl":  # torch 2.13 still reads this name: abort the comms on a timeout
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # NCCL's asynchronous error handling stays torch's default (3: tear the process down
+        # on a timed-out collective), which the dead-peer handling relies on.
         set_group_timeouts(timeout)
         kwargs["timeout"] = timeout
     _init_under_torchelastic(kwargs.get("timeout"))

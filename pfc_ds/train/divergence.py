@@ -62,13 +62,19 @@ class ScaleGuard:
         self.history.clear()
 
 
-def nonfinite_weights(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
-    """Whether any rank holds a non-finite value in ``tensors`` (collective; one host sync)."""
+def nonfinite_weights(
+    tensors: Iterable[torch.Tensor],
+    device: torch.device,
+    finite_flags: Iterable[torch.Tensor] = (),
+) -> bool:
+    """Whether any rank holds a non-finite value in ``tensors``, or a 0-dim ``finite_flags``
+    entry is false (collective; one host sync)."""
     flags = [
         (~torch.isfinite(t).all()).to(device)
         for t in tensors
         if t.numel() and t.is_floating_point()
     ]
+    flags += [(~f).to(device).reshape(()) for f in finite_flags]
     flag = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
     flag = flag.to(device=device, dtype=torch.float32).reshape(1)
     if dist.is_available() and dist.is_initialized():

@@ -2,8 +2,8 @@
 
 The Partial FC head lives outside ZeRO (its rows are model-parallel, not data-parallel), so
 everything DeepSpeed does to the backbone's gradients around an optimizer step must be mirrored
-on the head by hand. ``Lockstep.micro_step`` runs one micro-batch and, at an accumulation
-boundary, one optimizer step of both:
+on the head by hand. ``Lockstep.step`` runs one accumulation window of micro-batches and one
+optimizer step of both:
 
 * **Loss scale.** The head's row gradients carry whatever factor the backward applied to the
   loss. A hook on the loss tensor keeps that factor ``f`` (= scale / gas, a device tensor) every
@@ -19,9 +19,10 @@ boundary, one optimizer step of both:
   the head skips whenever the engine reports ``was_step_applied() == False``. Under fp32/bf16
   there is nothing to skip to: ``check()`` raises ``FloatingPointError`` naming the first bad
   step at the next logging interval, and before any checkpoint is written.
-* **Accumulation.** Row gradients of all micro-batches stay pending in the head (it keeps the
-  union) until ``engine.is_gradient_accumulation_boundary()``; ``engine.backward`` already
-  divides the loss by the accumulation steps once (insightface #2140).
+* **Accumulation.** ``step`` takes the window's K micro-batches at once: the head samples its
+  rows for all their labels before the first forward, every backward adds into the window's one
+  row gradient, and both optimizers step after the last; ``engine.backward`` already divides
+  the loss by the accumulation steps once (insightface #2140).
 * **LR.** Set from the schedule on both optimizers right before the boundary ``engine.step()``:
   once per optimizer step, never per micro-batch (insightface #1996).
 * **Clipping** of the backbone is DeepSpeed's (``gradient_clipping`` in the JSON); the head is
@@ -179,17 +180,17 @@ def full_backbone_state(engine) -> dict[str, torch.Tensor]:
 
 @dataclass
 class StepResult:
-    boundary: bool
-    loss: torch.Tensor  # the global-batch loss of this micro-batch, on the device (every rank)
-    applied: bool = True  # at a boundary: whether the engine stepped (host, from DeepSpeed)
+    loss: torch.Tensor  # the step's global-batch loss (mean over micro-batches), on the device
+    applied: bool = True  # whether the engine stepped (host, from DeepSpeed)
     lr: float | None = None
     loss_scale: float | None = None
 
 
 class Lockstep:
-    """Runs micro-batches through backbone engine -> head -> loss -> backward -> both steps.
+    """Runs a window of micro-batches through backbone engine -> head -> loss -> backward,
+    then both optimizer steps.
 
-    A micro-step reads nothing back from the device: the loss, the non-finite flag, the loss
+    A step reads nothing back from the device: the loss, the non-finite flag, the loss
     factors and the head's own step result stay device tensors, and ``check()`` (called by the
     trainer at its logging interval and before every save) reads them once and raises for what
     went wrong, naming the step. Under fp16 DeepSpeed's own overflow check is the one sync.
@@ -203,7 +204,7 @@ class Lockstep:
         schedule: PolynomialLRWarmup,
         base_lrs: tuple[float, float],
         *,
-        prefetch: bool = False,
+        prefetch: bool = True,
     ) -> None:
         self.engine = engine
         self.head = head
@@ -220,13 +221,14 @@ class Lockstep:
         self._poison: torch.Tensor | None = None  # this micro-batch's loss is non-finite
         self._window_bad: torch.Tensor | None = None  # flag (all-reduced) of this window
         self._head_bwd_open = False  # the head's backward phase runs between the two hooks
-        self.prefetch = prefetch and not getattr(head.bank, "resident", True)
+        self.prefetch = prefetch
         # Read by check(): the first bad step (0: none) and its loss; factor and head mismatches.
         device = engine.device
         self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
         self._bad_loss = torch.zeros((), device=device)
         self._factor_jump = torch.zeros((), dtype=torch.bool, device=device)
         self._head_disagrees = torch.zeros((), dtype=torch.int64, device=device)
+        self._no_factor = torch.full((), 1.0 / self.gas, device=device)
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -252,29 +254,46 @@ class Lockstep:
             return grad + torch.where(flag, float("nan"), 0.0).to(grad.dtype)
         return None
 
-    # ---- one micro-batch -------------------------------------------------------------------
+    # ---- one optimizer step ----------------------------------------------------------------
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
-        """Forward/backward one micro-batch; at a boundary also step both optimizers.
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepResult:
+        """Forward and backward the window's micro-batches (``gradient_accumulation_steps``
+        of them), then step both optimizers once.
 
-        ``step`` is the 0-based index of the optimizer step this micro-batch belongs to (for
-        the LR); messages print it 1-based, like the progress line.
+        The head samples its rows once for the whole window, from all its labels (K micro-
+        batches of B act as one batch of K x B); with ``prefetch`` that happens before the first
+        backbone forward, so an offloaded bank's rows travel while the backbone computes.
+        ``step`` is the 0-based index of this optimizer step (for the LR); messages print it
+        1-based, like the progress line.
         """
-        engine = self.engine
-        boundary = engine.is_gradient_accumulation_boundary()
-        device = engine.device
-        images = images.to(device, self.input_dtype, non_blocking=True)
-        labels = labels.to(device, torch.long, non_blocking=True)
-
-        if self.prefetch:  # the head's rows travel while the backbone computes
+        if len(batches) != self.gas:
+            raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
+        device = self.engine.device
+        labels = [lab.to(device, torch.long, non_blocking=True) for _, lab in batches]
+        if self.prefetch:
             with phases.span("head_fwd"):
                 self.head.prefetch(labels)
+        losses = []
+        for k, (images, _) in enumerate(batches):
+            losses.append(self._micro_step(images, labels, k, step))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return self._optimizer_step(step, loss)
+
+    def _micro_step(
+        self, images: torch.Tensor, labels: list[torch.Tensor], k: int, step: int
+    ) -> torch.Tensor:
+        """Forward/backward micro-batch ``k`` of the window; returns its loss (device)."""
+        engine = self.engine
+        images = images.to(engine.device, self.input_dtype, non_blocking=True)
         with phases.span("backbone_fwd"):
             embeddings = engine(images)
+        if k == 0 and not self.prefetch:
+            with phases.span("head_fwd"):
+                self.head.prefetch(labels)
         if embeddings.requires_grad:
             embeddings.register_hook(self._embedding_hook)
         with phases.span("head_fwd"):
-            loss = self.head(embeddings, labels)
+            loss = self.head(embeddings, labels[k])
         loss_value = loss.detach()
         self._poison = ~torch.isfinite(loss_value)
         loss.register_hook(self._loss_hook)
@@ -287,11 +306,10 @@ class Lockstep:
             first = (self._first_bad == 0) & self._window_bad
             self._first_bad = torch.where(first, step + 1, self._first_bad)
             self._bad_loss = torch.where(first, loss_value, self._bad_loss)
-        if not boundary:
+        if k + 1 < len(labels):
             with phases.span("backbone_opt"):
                 engine.step()  # DeepSpeed counts micro-steps here; no update happens
-            return StepResult(boundary=False, loss=loss_value)
-        return self._optimizer_step(step, loss_value)
+        return loss_value
 
     def _optimizer_step(self, step: int, loss_value: torch.Tensor) -> StepResult:
         engine = self.engine
@@ -304,8 +322,8 @@ class Lockstep:
             f = self._factors[-1]
             for x in self._factors[:-1]:
                 self._factor_jump |= (x - f).abs() > 1e-6 * f.abs()
-        else:
-            f = torch.tensor(1.0 / self.gas, device=engine.device)
+        else:  # built before any step: torch.full makes no host-to-device copy
+            f = self._no_factor
         scale_before = loss_scale(engine)
         with phases.span("backbone_opt"):
             engine.step()
@@ -321,7 +339,6 @@ class Lockstep:
         self._factors.clear()
         self._window_bad = None
         return StepResult(
-            boundary=True,
             loss=loss_value,
             applied=applied,
             lr=self.base_lr * factor,

@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from pfc_ds import phases
 from pfc_ds.head import seeds
+from pfc_ds.train import backends, peers, preflight, resume
 from pfc_ds.train import checkpoint as ckpt
-from pfc_ds.train import peers, preflight, resume
 from pfc_ds.train.checkpoint import CheckpointError
 from pfc_ds.train.config import Config, ConfigError
 from pfc_ds.train.distributed import init_distributed
@@ -177,6 +177,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        backends.configure(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
         self.rank, self.world_size = init_distributed(cfg.train.collective_timeout_s)
         # Host-side agreement (SIGTERM, file lists, checks) goes over gloo, so it never waits for
         # the GPU's queued work.
@@ -272,7 +273,8 @@ class Trainer:
             self._restore(found, restore)
             self.loaded_tag, self.last_good = found[0].name, found[0]
         self.lockstep = self._make_lockstep()
-        self._check_space_for_one_checkpoint(found)
+        self._estimate_checkpoint(found)
+        self._space_checked = False
         if self.rank == 0:
             log.info(
                 "pfc_ds: %s, %d rank(s) x batch %d x accum %d = %d img/step, %d steps, %s, "
@@ -308,8 +310,8 @@ class Trainer:
         if first is not None:
             raise error(first)
 
-    def _check_space_for_one_checkpoint(self, found) -> None:
-        """Before any step: room for one checkpoint (estimated, or the resumed one's size)."""
+    def _estimate_checkpoint(self, found) -> None:
+        """The bytes of one checkpoint (estimated, or the resumed one's size, the larger)."""
         cfg = self.cfg
         mine = preflight.checkpoint_bytes(
             self.engine, self.head, cfg.optim.name, cfg.optim.momentum, rank=self.rank
@@ -318,6 +320,11 @@ class Trainer:
         if found is not None:
             need = max(need, int(found[1].get("bytes") or 0))
         self.checkpoint_bytes = need
+
+    def _check_space_for_one_checkpoint(self) -> None:
+        """Before the first step of a run that saves: room for one checkpoint (a run that
+        never saves, as the profiler's, needs none)."""
+        cfg, need = self.cfg, self.checkpoint_bytes
         root = self.output / ckpt.CHECKPOINTS
         short = ckpt.space_short(root, need, self._control_group)
         if short is None:
@@ -398,7 +405,7 @@ class Trainer:
                 raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {uni}")
         step = int(meta["step"])
         ckpt.load_head(
-            self.head, folder, meta, seed=seeds.resumed_rounding(self.cfg.train.seed, step)
+            self.head, folder, meta, seed=seeds.resharded_base(self.cfg.train.seed, step)
         )
         state = ckpt.load_trainer_state(folder, meta)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -442,6 +449,9 @@ class Trainer:
         if not hasattr(self, "engine"):
             with self._peer_failures():
                 self.setup()
+        if save and not self._space_checked:
+            self._check_space_for_one_checkpoint()
+            self._space_checked = True
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         logger = MetricsLogger(
             self.output,
@@ -539,29 +549,25 @@ class Trainer:
             self.epoch = getattr(self.loader, "epoch", self.epoch + 1)
 
     def _optimizer_steps(self, end: int) -> Iterator[tuple[StepResult, torch.Tensor]]:
-        """Run micro-batches; yield each optimizer step's result and its mean loss (device)."""
+        """Run optimizer steps of ``grad_accum`` micro-batches each; yield each step's result
+        and its mean loss (device)."""
         batches = self._micro_batches()
-        window: list[torch.Tensor] = []
+        gas = self.cfg.train.grad_accum
         while self.step < end:
-            if not window:
-                phases.begin("step")  # its own time: the loop's overhead between phases
-                self._where = f"in step {self.step + 1}"
-                if self._watchdog is not None:
-                    self._watchdog.beat(self._where)
-                if self.faults:
-                    self.faults.before_step(self.step + 1)
-            images, labels = next(batches)
+            phases.begin("step")  # its own time: the loop's overhead between phases
+            self._where = f"in step {self.step + 1}"
+            if self._watchdog is not None:
+                self._watchdog.beat(self._where)
             if self.faults:
-                images = self.faults.poison(images, self.step + 1)
-            res = self.lockstep.micro_step(images, labels, self.step)
-            window.append(res.loss)
-            if res.boundary:
-                self.step += 1
-                mean = torch.stack(window).mean()
-                phases.end("step")
-                self._add_split(self.clock.collect())
-                yield res, mean
-                window.clear()
+                self.faults.before_step(self.step + 1)
+            window = [next(batches) for _ in range(gas)]
+            if self.faults:
+                window = [(self.faults.poison(im, self.step + 1), lab) for im, lab in window]
+            res = self.lockstep.step(window, self.step)
+            self.step += 1
+            phases.end("step")
+            self._add_split(self.clock.collect())
+            yield res, res.loss
 
     def _add_split(self, split: dict[str, float]) -> None:
         """One optimizer step's phases (ms): summed for the progress line, handed to
@@ -768,16 +774,15 @@ class Trainer:
         return ckpt.FileHooks(before, after)
 
     def _nonfinite_weights(self) -> bool:
-        """Any NaN/inf in the backbone or the head's rows, on any rank (one sync per save)."""
-        from pfc_ds.train.shard_files import ROW_KEYS
-
+        """Any NaN/inf in the backbone or the head's rows, on any rank (one sync per save).
+        The head's bank keeps a flag of the values written to it, so its rows (maybe a disk
+        bank's every page) are not read."""
         tensors = []
         for p in self.engine.module.parameters():
             part = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
             tensors.append(p if part is None else part)
-        state = self.head.state_dict()
-        tensors += [t for k in ROW_KEYS if isinstance(t := state.get(k), torch.Tensor)]
-        return nonfinite_weights(tensors, self.engine.device)
+        head_ok = self.head.bank.all_finite()
+        return nonfinite_weights(tensors, self.engine.device, finite_flags=[head_ok])
 
     def export(self) -> None:
         """Write ``OUTPUT/backbone.pt``: the trained fp32 backbone state dict (rank 0)."""

@@ -6,7 +6,8 @@ A collective with a dead or hung peer waits for the process group's timeout
 ``PeerFailure`` does: each survivor posts its rank to the c10d store, waits a moment for the
 others, and names the ranks that never posted (``None`` when the store itself is gone).
 
-NCCL reports a timeout asynchronously (its watchdog, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``,
+NCCL reports a timeout asynchronously (its watchdog, under torch's default
+``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``,
 tears the process down), so the main thread never sees it; ``Watchdog`` covers that case and
 any hang outside a collective: no step boundary for the timeout plus a grace period prints the
 same message and ends the process. NCCL groups get the timeout plus twice the grace, so this

@@ -1,0 +1,93 @@
+"""``Feeder``: reads the encoded batches of a loader's sample stream on a background thread.
+
+A decoder pulls batches when it needs them (DALI's external source calls its ``feed`` from
+``pipe.run()`` on the training thread). Reading the JPEG bytes there would put file I/O and
+Python work on the training thread, between GPU steps; the feeder reads ahead instead, into a
+bounded queue, and ``take()`` only hands over a batch that is ready.
+
+The stream does not stop at an epoch's end: after the last step of epoch ``e`` come the steps of
+epoch ``e + 1`` from its start, so one decoder pipeline serves every epoch (building a DALI
+pipeline per epoch cost a rebuild and a cold nvJPEG each time). Each item is one batch:
+``(jpegs, labels, *augmentation params)``, the params drawn from the batch's key exactly as
+before, so the stream is the same whoever reads it and whenever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .augment import draw_params
+from .sampler import ShardPlan
+
+
+class Feeder:
+    """Batches of ``plan``'s sample stream from ``(epoch, start)`` on, read ``depth`` ahead.
+
+    ``read(i)`` returns sample ``i``'s encoded bytes and ``labels[i]`` its label. Errors on the
+    thread come out of ``take()``.
+    """
+
+    def __init__(
+        self,
+        plan: ShardPlan,
+        read: Callable[[int], Any],
+        labels: np.ndarray,
+        *,
+        epoch: int,
+        start: int,
+        seed: int,
+        aug: dict[str, float],
+        mirror: bool,
+        depth: int,
+    ) -> None:
+        self.plan, self.read, self.labels = plan, read, labels
+        self.seed, self.aug, self.mirror = seed, aug, mirror
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(epoch, start), name="pfc-feeder", daemon=True
+        )
+        self._thread.start()
+
+    def _batches(self, epoch: int, start: int):
+        while True:
+            indices, _ = self.plan.rank_batches(epoch, start)
+            for k, idx in enumerate(indices):
+                key = [self.seed, epoch, self.plan.first_position(start, k)]
+                params = draw_params(key, self.plan.batch_size, self.aug, self.mirror)
+                yield [[self.read(i) for i in idx], self.labels[idx], *params]
+            epoch, start = epoch + 1, 0
+
+    def _run(self, epoch: int, start: int) -> None:
+        try:
+            for batch in self._batches(epoch, start):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._queue.put(exc)
+
+    def take(self) -> list[Any]:
+        """The next batch (blocks only while the thread is behind)."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a put waiting for room
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.05)
