@@ -249,9 +249,15 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
             record_shapes=False,
         )
 
+    lane = trainer.head.bank.lane  # an offloaded bank's traffic: counted over measured steps
+    first_measured = trainer.step + args.warmup
+
     def on_step(step: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        if lane is not None and step == first_measured:  # before the mark: not timed
+            trainer.head.bank.flush()
+            lane.update(dict.fromkeys(lane, 0))
         marks[step] = time.perf_counter()
         if prof is not None and step >= args.warmup:
             prof.step()
@@ -286,6 +292,7 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
         "split_ms": split,
         "memory_mb": memory,
         "peak_mb": peak,
+        "lane_per_step": None if lane is None else {k: v / args.steps for k, v in lane.items()},
     }
     ranks: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(ranks, mine)
@@ -311,6 +318,8 @@ def summarise(args, trainer, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "global_batch": trainer.global_batch,
         "num_classes": cfg.data.num_classes,
         "sample_rate": cfg.head.sample_rate,
+        "bank": cfg.head.bank,
+        "lane_per_step": busiest["lane_per_step"],
         "device": trainer.engine.device.type,
         "steps": args.steps,
         "timer": "cuda events" if trainer.engine.device.type == "cuda" else "host (synchronous)",

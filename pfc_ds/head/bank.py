@@ -107,6 +107,10 @@ class CenterBank:
 
     resident = True
 
+    # An offloaded bank's lane counters (seconds and bytes of its gathers and writes, summed
+    # since built or reset); a device bank moves nothing and has none.
+    lane: dict[str, float] | None = None
+
     def __init__(
         self,
         weight: torch.Tensor,

@@ -83,7 +83,7 @@ def measure_head(point: dict[str, Any]) -> dict[str, Any]:
     b, d = point["batch_size"], point["embedding_size"]
     emb = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
     times = []
-    lane = getattr(head.bank, "lane", None)
+    lane = head.bank.lane
     for i in range(point["warmup"] + point["steps"]):
         labels = torch.randint(0, point["ids"], (b,), generator=gen).to(device)
         dist.barrier()

@@ -64,8 +64,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def check(argv: list[str]) -> str | None:
-    """The first problem with these ``train.py`` arguments, or ``None``."""
+def check(argv: list[str], *, gpu: bool | None = None) -> str | None:
+    """The first problem with these ``train.py`` arguments, or ``None``.
+
+    ``gpu``: judge them for a machine with a GPU (True) or without (False); ``None``: this one.
+    The GPU check's dry run asks for ``True`` on a CPU machine.
+    """
+    from pfc_ds.train.config import pipeline_config
     from pfc_ds.train.engine import build_ds_config
 
     p = argparse.ArgumentParser(add_help=False)
@@ -75,6 +80,8 @@ def check(argv: list[str]) -> str | None:
     try:
         cfg = config_from_args(args)
         ds = build_ds_config(args.deepspeed_config or cfg.train.deepspeed, cfg, world_size=None)
+        if cfg.data.source != "synthetic":
+            pipeline_config(cfg.data)
     except (ConfigError, OSError) as exc:
         return str(exc)
     from pathlib import Path
@@ -87,7 +94,7 @@ def check(argv: list[str]) -> str | None:
     if ds.get("fp16", {}).get("enabled"):
         import torch
 
-        if not torch.cuda.is_available():
+        if not (torch.cuda.is_available() if gpu is None else gpu):
             return (
                 f"{args.deepspeed_config or cfg.train.deepspeed} enables fp16, which DeepSpeed "
                 "does not run on a CPU; use a bf16 or fp32 config there (ds_configs/cpu_bf16.json, "

@@ -361,3 +361,17 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         raise TypeError(f"{path}: unsupported field type {hint}")
     want = base.__name__ + (" or null" if optional else "")
     raise ConfigError(f"{path} must be {want}, got {value!r}")
+
+
+def pipeline_config(d: DataConfig):
+    """``data_pipelines``' config for a rec/folder ``data:`` section (its keys checked there;
+    an unknown or bad one raises ``ConfigError`` naming it). Imports no DALI."""
+    from data_pipelines.config import DataConfig as PipelineConfig
+
+    given = {} if d.num_classes is None else {"num_classes": d.num_classes}
+    try:
+        return PipelineConfig.from_dict(
+            {"source": d.source, "image_size": d.image_size, **given, **d.pipeline}
+        )
+    except ValueError as exc:  # data_pipelines names the key; make it a config error
+        raise ConfigError(str(exc)) from exc

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ class Lockstep:
         base_lrs: tuple[float, float],
         *,
         prefetch: bool = True,
+        head_inf: Callable[[int], bool] | None = None,
     ) -> None:
         self.engine = engine
         self.head = head
@@ -222,6 +224,10 @@ class Lockstep:
         self._window_bad: torch.Tensor | None = None  # flag (all-reduced) of this window
         self._head_bwd_open = False  # the head's backward phase runs between the two hooks
         self.prefetch = prefetch
+        # Fault injection (reliability tests, the GPU check): ``head_inf(step)`` true makes the
+        # head's row gradient of that step inf right after its backward. None in real runs.
+        self._head_inf = head_inf
+        self._inf_now = False
         # Read by check(): the first bad step (0: none) and its loss; factor and head mismatches.
         device = engine.device
         self._first_bad = torch.zeros((), dtype=torch.int64, device=device)
@@ -241,6 +247,9 @@ class Lockstep:
         """Runs after the head's backward (its pending row grads are complete)."""
         phases.end("head_bwd")
         self._head_bwd_open = False
+        if self._inf_now:
+            self.head.window.grad[0].fill_(float("inf"))
+            self._inf_now = False
         bad = self.head_optimizer.has_nonfinite()
         if self._poison is not None:
             bad = bad | self._poison
@@ -269,6 +278,7 @@ class Lockstep:
         if len(batches) != self.gas:
             raise ValueError(f"a step takes {self.gas} micro-batches, got {len(batches)}")
         device = self.engine.device
+        self._inf_now = self._head_inf is not None and self._head_inf(step + 1)
         labels = [lab.to(device, torch.long, non_blocking=True) for _, lab in batches]
         if self.prefetch:
             with phases.span("head_fwd"):

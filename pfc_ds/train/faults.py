@@ -8,6 +8,8 @@ Faults are ``kind:key=value,...`` separated by ``;``::
     hang:step=6,rank=1               rank 1 sleeps (``seconds``, default a day) before step 6
     kill:step=9,rank=1               rank 1 SIGKILLs itself before step 9
     nan:step=4,count=3               steps 4-6 get NaN images (every rank unless ``rank``)
+    head_inf:step=30,rank=0          row 0 of the head's row gradient becomes inf at step 30,
+                                     after the head's backward (the backbone's stays finite)
     enospc:file=head_shard           writing a checkpoint file whose name holds ``head_shard``
                                      fails with ENOSPC
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 ENV = "PFC_DS_FAULT"
-KINDS = ("save_delay", "hang", "kill", "nan", "enospc")
+KINDS = ("save_delay", "hang", "kill", "nan", "head_inf", "enospc")
 
 
 def _parse(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -99,6 +101,14 @@ class Faults:
                 self._say(f"NaN images at step {step}")
                 return images * float("nan")
         return images
+
+    def head_inf(self, step: int) -> bool:
+        """Whether step ``step`` gets an inf in this rank's head row gradient (once)."""
+        for kind, p in self.faults:
+            if kind == "head_inf" and self._due(kind, step, p):
+                self._say(f"inf in a head row gradient at step {step}")
+                return True
+        return False
 
     def before_file(self, path: Path) -> None:
         for kind, p in self.faults:

@@ -38,7 +38,7 @@ from pfc_ds.head import seeds
 from pfc_ds.train import backends, peers, preflight, resume
 from pfc_ds.train import checkpoint as ckpt
 from pfc_ds.train.checkpoint import CheckpointError
-from pfc_ds.train.config import Config, ConfigError
+from pfc_ds.train.config import Config, ConfigError, pipeline_config
 from pfc_ds.train.distributed import init_distributed
 from pfc_ds.train.divergence import DivergenceError, ScaleGuard, nonfinite_weights
 from pfc_ds.train.engine import (
@@ -96,15 +96,8 @@ def build_loader(cfg: Config, *, rank: int, world_size: int, device, seed: int):
             device=device,
         )
     import data_pipelines  # imported lazily: DALI is only needed for real data
-    from data_pipelines.config import DataConfig as PipelineConfig
 
-    given = {} if d.num_classes is None else {"num_classes": d.num_classes}
-    try:
-        pipe_cfg = PipelineConfig.from_dict(
-            {"source": d.source, "image_size": d.image_size, **given, **d.pipeline}
-        )
-    except ValueError as exc:  # data_pipelines names the key; make it a config error
-        raise ConfigError(str(exc)) from exc
+    pipe_cfg = pipeline_config(d)
     loader = data_pipelines.build_loader(
         pipe_cfg,
         batch_size=cfg.train.batch_size,
@@ -301,6 +294,7 @@ class Trainer:
             self.schedule,
             (lrs[0] * self._lr_factor, lrs[1] * self._lr_factor),
             prefetch=self.cfg.head.bank_prefetch,
+            head_inf=self.faults.head_inf if self.faults else None,
         )
 
     def _agree(self, problem: str | None, error: type[Exception]) -> None:
