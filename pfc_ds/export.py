@@ -281,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's consolidation prints its progress; stdout carries only the summary line.
     with contextlib.redirect_stdout(sys.stderr):
         from pfc_ds.backbones import get_backbone
-        from pfc_ds.tools import backbone as tools_backbone
+        from pfc_ds.checkpoint import reader
 
         try:
-            model, meta = tools_backbone.load_backbone(args.checkpoint)
+            model, ref = reader.load_backbone(args.checkpoint)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    meta = {**ref.meta, "folder": str(ref.folder)}
 
     def fresh() -> nn.Module:
         return get_backbone(
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             args.format,
             args.output,
-            image_size=int(meta.get("image_size", 112)),
+            image_size=int(meta["image_size"]),
             check_batches=batches,
             atol=args.atol,
             opset=args.opset,

@@ -196,10 +196,10 @@ def split_of(entries: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
 
 
-def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Profile on this rank (the process group comes up in ``Trainer.setup``)."""
+def _make_trainer(args: argparse.Namespace, splits: dict[int, dict[str, float]]):
+    """The run's trainer: no checkpoints, no TensorBoard, no evaluation; CUDA-event timers on a
+    GPU; every step's phase split into ``splits``."""
     import torch
-    import torch.distributed as dist
 
     from pfc_ds import phases
     from pfc_ds.train import Trainer
@@ -213,7 +213,6 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg.train.tensorboard = False
     cfg.eval.sets, cfg.eval.synthetic_pairs = [], 0  # time training steps only
     ds = build_ds_config(args.deepspeed_config or cfg.train.deepspeed, cfg, world_size=None)
-    total = args.warmup + args.steps
     if args.flops:
         ds["flops_profiler"] = {
             "enabled": True,
@@ -223,82 +222,94 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
             "detailed": False,
             "output_file": str(out / "flops.txt"),
         }
+    return Trainer(
+        cfg,
+        ds_config=ds,
+        clock=phases.PhaseClock(events=torch.cuda.is_available()),
+        on_split=lambda step, split: splits.__setitem__(step, split),
+    )
+
+
+def _profiler(args: argparse.Namespace, device, rank: int):
+    """A ``torch.profiler`` over up to 5 measured steps (``--trace``), or ``None``."""
+    import torch
+
+    if not args.trace:
+        return None
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(
+        activities=acts,
+        schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(args.steps, 5)),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(
+            str(Path(args.output) / "trace"), worker_name=f"rank{rank}"
+        ),
+        record_shapes=False,
+    )
+
+
+def run_rank(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Profile on this rank (the process group comes up in ``Trainer``)."""
+    import torch
+    import torch.distributed as dist
+
     runtime_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    trainer = Trainer(cfg, ds_config=ds)
-    trainer.setup()
+    splits: dict[int, dict[str, float]] = {}
+    trainer = _make_trainer(args, splits)
     device = trainer.engine.device
     if device.type == "cuda":
-        trainer.clock = phases.PhaseClock(events=True)
         torch.cuda.reset_peak_memory_stats(device)
     time_deepspeed_comm()
-
     marks: dict[int, float] = {}
-    splits: dict[int, dict[str, float]] = {}
-    trainer.on_split = lambda step, split: splits.__setitem__(step, split)
-    prof = None
-    if args.trace:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(
-            activities=acts,
-            schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(args.steps, 5)),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(
-                str(out / "trace"), worker_name=f"rank{trainer.rank}"
-            ),
-            record_shapes=False,
-        )
-
+    prof = _profiler(args, device, trainer.rank)
     lane = trainer.head.bank.lane  # an offloaded bank's traffic: counted over measured steps
-    first_measured = trainer.step + args.warmup
+    start = trainer.step
+    first, last = start + args.warmup, start + args.warmup + args.steps
 
     def on_step(step: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if lane is not None and step == first_measured:  # before the mark: not timed
+        if lane is not None and step == first:  # before the mark: not timed
             trainer.head.bank.flush()
             lane.update(dict.fromkeys(lane, 0))
         marks[step] = time.perf_counter()
-        if prof is not None and step >= args.warmup:
+        if prof is not None and step >= first:
             prof.step()
 
     if prof is not None:
         prof.start()
-    marks[trainer.step] = time.perf_counter()
-    trainer.fit(stop_at=trainer.step + total, save=False, on_step=on_step)
+    marks[start] = time.perf_counter()
+    trainer.fit(stop_at=last, save=False, on_step=on_step)
     if prof is not None:
         prof.stop()
-
-    start = trainer.step - total
-    measured = [splits[s] for s in sorted(splits) if s > start + args.warmup]
+    measured = [splits[s] for s in sorted(splits) if s > first]
     if not measured:
         raise SystemExit(f"no measured steps: run at least --warmup {args.warmup} + 1 steps")
-    first, last = start + args.warmup, trainer.step
-    wall_ms = (marks[last] - marks[first]) * 1e3 / (last - first)
     split = split_of(measured)
-    step_ms = sum(split[p] for p in PHASES)
-    median_ms = statistics.median(sum(e.values()) for e in measured)
-    head_mem = {f"head_{k}": v / MB for k, v in trainer.head.memory().items()}
-    memory = {**backbone_memory(trainer.engine), **head_mem}
-    peak = _peak_mb(device)
-    base = runtime_mb if device.type == "cpu" else 0.0
-    memory["runtime"] = base
-    memory["activations_and_rest"] = max(0.0, peak - sum(memory.values()))
     mine = {
         "rank": trainer.rank,
-        "step_ms": step_ms,
-        "median_step_ms": median_ms,
-        "wall_step_ms": wall_ms,
+        "step_ms": sum(split[p] for p in PHASES),
+        "median_step_ms": statistics.median(sum(e.values()) for e in measured),
+        "wall_step_ms": (marks[last] - marks[first]) * 1e3 / (last - first),
         "split_ms": split,
-        "memory_mb": memory,
-        "peak_mb": peak,
+        "memory_mb": _memory(trainer, runtime_mb),
+        "peak_mb": _peak_mb(device),
         "lane_per_step": None if lane is None else {k: v / args.steps for k, v in lane.items()},
     }
     ranks: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(ranks, mine)
-    if trainer.rank != 0:
-        return None
-    return summarise(args, trainer, ranks)
+    return summarise(args, trainer, ranks) if trainer.rank == 0 else None
+
+
+def _memory(trainer, runtime_mb: float) -> dict[str, float]:
+    """Where the peak went: backbone parts, head parts, runtime, the rest (activations)."""
+    device = trainer.engine.device
+    head_mem = {f"head_{k}": v / MB for k, v in trainer.head.memory().items()}
+    memory = {**backbone_memory(trainer.engine), **head_mem}
+    memory["runtime"] = runtime_mb if device.type == "cpu" else 0.0
+    memory["activations_and_rest"] = max(0.0, _peak_mb(device) - sum(memory.values()))
+    return memory
 
 
 def summarise(args, trainer, ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -316,7 +327,7 @@ def summarise(args, trainer, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "zero_stage": trainer.zero_stage,
         "world_size": trainer.world_size,
         "global_batch": trainer.global_batch,
-        "num_classes": cfg.data.num_classes,
+        "num_classes": trainer.num_classes,
         "sample_rate": cfg.head.sample_rate,
         "bank": cfg.head.bank,
         "lane_per_step": busiest["lane_per_step"],

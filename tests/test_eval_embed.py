@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pfc_ds.tools.backbone as tools_backbone
 from data_pipelines.scan import scan_rec
 from data_pipelines.synth import generate
 from pfc_ds import embed
 from pfc_ds.backbones import get_backbone
+from pfc_ds.checkpoint import CheckpointRef, reader
 from pfc_ds.eval import (
     embed_images,
     embed_shard,
@@ -78,10 +78,10 @@ def fake_checkpoint(monkeypatch, tmp_path: Path) -> Path:
     ckpt.mkdir()
 
     def fake_load(src):
-        meta = {"backbone": "tiny", "embedding_size": 32, "step": 7, "folder": str(src)}
-        return _model(), meta  # an old checkpoint: no image_size key, so 112
+        meta = {"backbone": "tiny", "embedding_size": 32, "step": 7, "image_size": 112}
+        return _model(), CheckpointRef(Path(src), meta)
 
-    monkeypatch.setattr(tools_backbone, "load_backbone", fake_load)
+    monkeypatch.setattr(reader, "load_backbone", fake_load)
     return ckpt
 
 

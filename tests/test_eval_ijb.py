@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import pfc_ds.tools.backbone as tools_backbone
 from pfc_ds.backbones import get_backbone
+from pfc_ds.checkpoint import CheckpointRef, reader
 from pfc_ds.eval import ijb
 
 BIG = 2**53  # ids beyond float64's (and far beyond float32's) exact integers
@@ -263,7 +263,8 @@ def test_cli_end_to_end_and_rescore(tmp_path: Path, monkeypatch, capsys) -> None
         Image.fromarray(img).save(root / name)
     ckpt = tmp_path / "run"
     ckpt.mkdir()
-    monkeypatch.setattr(tools_backbone, "load_backbone", lambda src: (_tiny(), {"step": 1}))
+    ref = CheckpointRef(ckpt, {"step": 1, "image_size": 112})
+    monkeypatch.setattr(reader, "load_backbone", lambda src: (_tiny(), ref))
     npz, png = tmp_path / "f.npz", tmp_path / "roc.png"
     argv = ["--meta", str(m["meta"]), "--norm-score", "--detector-score"]
     rc = ijb.main([*argv, "--checkpoint", str(ckpt), "--images", str(root), "--batch-size", "4",

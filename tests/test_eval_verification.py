@@ -335,8 +335,8 @@ def test_synthetic_bin_renders_held_out_identities(tmp_path: Path, monkeypatch) 
 def test_eval_cli_prints_one_line_per_set(tmp_path: Path, monkeypatch, capsys) -> None:
     import torch
 
-    import pfc_ds.tools.backbone as tools_backbone
     from pfc_ds.backbones import get_backbone
+    from pfc_ds.checkpoint import CheckpointRef, reader
     from pfc_ds.eval import evaluate_bin
     from pfc_ds.eval.__main__ import main
 
@@ -345,7 +345,9 @@ def test_eval_cli_prints_one_line_per_set(tmp_path: Path, monkeypatch, capsys) -
         return get_backbone("tiny", 64).eval()
 
     meta = {"backbone": "tiny", "embedding_size": 64, "step": 300, "image_size": 56}
-    monkeypatch.setattr(tools_backbone, "load_backbone", lambda src: (tiny(), meta))
+    monkeypatch.setattr(
+        reader, "load_backbone", lambda src: (tiny(), CheckpointRef(tmp_path / "run", meta))
+    )
     a = synthetic_bin(tmp_path / "synth_a.bin", 40, first_identity=300, seed=1)
     b = synthetic_bin(tmp_path / "synth_b.bin", 23, first_identity=400, seed=2)
     assert main(["--checkpoint", str(tmp_path), "--bin", str(a), "--bin", str(b)]) == 0

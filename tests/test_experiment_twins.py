@@ -7,9 +7,9 @@ import json
 
 import torch
 
+from pfc_ds.checkpoint.shard_files import save_shard, shard_name
 from pfc_ds.experiments.twins import collect, table
 from pfc_ds.head.sharding import shard_range
-from pfc_ds.train.shard_files import save_shard, shard_name
 
 
 def test_twins_of_a_planted_head(tmp_path):

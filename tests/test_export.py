@@ -221,7 +221,7 @@ def test_a_trace_frozen_at_one_batch_size_fails_naming_it(tmp_path):
 
 def _fake_checkpoint(monkeypatch, folder: Path) -> nn.Module:
     """Make ``load_backbone`` return a tiny model with a checkpoint's meta, without training."""
-    import pfc_ds.tools.backbone as tools_backbone
+    from pfc_ds.checkpoint import CheckpointRef, reader
 
     model = get_backbone("tiny", 16, width=4).eval()
     meta = {
@@ -230,9 +230,8 @@ def _fake_checkpoint(monkeypatch, folder: Path) -> nn.Module:
         "backbone_options": {"width": 4},
         "image_size": 32,
         "step": 7,
-        "folder": str(folder),
     }
-    monkeypatch.setattr(tools_backbone, "load_backbone", lambda src: (model, meta))
+    monkeypatch.setattr(reader, "load_backbone", lambda src: (model, CheckpointRef(folder, meta)))
     return model
 
 
@@ -278,7 +277,7 @@ def _train_zero2_and_zero3(rank: int, world: int, tmp: str) -> dict:
     (step 2 here) the two trainings drift apart by an ulp; without it they are bit-identical, so
     any difference left is the consolidation's.
     """
-    from tests.test_train_common import cfg_dict, ds_config, train
+    from tests.trainer_helpers import cfg_dict, ds_config, train
 
     cfg = cfg_dict(train={"max_steps": 3})  # the same seed and data for both
     runs = {s: train(cfg, ds_config(s, gradient_clipping=0.0), f"{tmp}/z{s}") for s in (2, 3)}
@@ -287,14 +286,14 @@ def _train_zero2_and_zero3(rank: int, world: int, tmp: str) -> dict:
 
 @pytest.mark.slow
 def test_zero2_and_zero3_checkpoints_consolidate_to_identical_weights(tmp_path):
-    from pfc_ds.tools.backbone import load_backbone
+    from pfc_ds.checkpoint import load_backbone
     from tests.dist import run_distributed
 
     live = run_distributed(_train_zero2_and_zero3, 2, str(tmp_path))[0]
     states = {}
     for stage in (2, 3):
-        model, meta = load_backbone(tmp_path / f"z{stage}")
-        assert (meta["zero_stage"], meta["world_size"], meta["step"]) == (stage, 2, 3)
+        model, ref = load_backbone(tmp_path / f"z{stage}")
+        assert (ref.zero_stage, ref.world_size, ref.step) == (stage, 2, 3)
         states[stage] = model.state_dict()
         # The checkpoint holds exactly the engine's fp32 weights at the end of training.
         assert all(torch.equal(states[stage][k], v) for k, v in live[stage].items())

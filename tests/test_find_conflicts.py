@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pfc_ds import conflicts
+from pfc_ds.checkpoint import head_shard_paths
+from pfc_ds.checkpoint.shard_files import save_shard, shard_name
+from pfc_ds.conflicts.scan import open_weights, scan
 from pfc_ds.head.sharding import shard_range
 from pfc_ds.tools import find_conflicts as fc
-from pfc_ds.tools.conflict_scan import open_weights, scan
-from pfc_ds.train.shard_files import save_shard, shard_name
 from tests.dist import run_distributed
 
 
@@ -99,7 +101,7 @@ def test_matches_brute_force(tmp_path, world, block_rows, topk):
     thr = 0.55
     _no_borderline(w, thr)
     paths = _write(tmp_path, w, world)
-    got = fc.find_conflicts(paths, thr, topk=topk, block_rows=block_rows, device="cpu")
+    got = conflicts.find_conflicts(paths, thr, topk=topk, block_rows=block_rows, device="cpu")
     want = reference(w, thr, topk)
     assert len(want) >= 40 if topk is None else len(want) >= 30
     _check(got, want)
@@ -136,9 +138,9 @@ def test_half_precision_shards(tmp_path, dtype):
     thr = 0.6
     _no_borderline(w.float(), thr)
     paths = _write(tmp_path, w, 2)
-    bank = fc.open_bank(paths)
+    bank = conflicts.open_bank(paths)
     assert bank.weights[0].dtype == dtype
-    _check(fc.find_conflicts(paths, thr, block_rows=40), reference(w.float(), thr))
+    _check(conflicts.find_conflicts(paths, thr, block_rows=40), reference(w.float(), thr))
 
 
 def test_cli_csv_truth_and_checkpoint_layout(tmp_path, capsys):
@@ -192,8 +194,8 @@ def test_errors_name_the_path(tmp_path, capsys):
 
 
 def _dist_scan(rank: int, world: int, folder: str, topk: int | None) -> list:
-    paths = fc.resolve_shards(folder)
-    res = fc.find(paths, 0.55, topk, 23, device="cpu")  # picks up the gloo group
+    paths = head_shard_paths(folder)
+    res = conflicts.find(paths, 0.55, topk, 23, device="cpu")  # picks up the gloo group
     assert res.stats["world"] == world and res.stats["tiles"] < res.stats["tiles_total"]
     return res.pairs()
 
@@ -207,9 +209,9 @@ def _dist_cli(rank: int, world: int, folder: str, out: str) -> int:
 def test_distributed_equals_offline(tmp_path):
     w = _bank(211, 16, planted=25, seed=5)
     _write(tmp_path, w, 3)
-    paths = fc.resolve_shards(tmp_path)
+    paths = head_shard_paths(tmp_path)
     for topk in (None, 1):
-        offline = fc.find_conflicts(paths, 0.55, topk=topk, block_rows=23)
+        offline = conflicts.find_conflicts(paths, 0.55, topk=topk, block_rows=23)
         got = run_distributed(_dist_scan, 2, str(tmp_path), topk)
         assert got[0] == got[1] == offline
         assert len(offline) >= 25
@@ -225,7 +227,7 @@ def _train_with_duplicates(rank: int, world: int, out: str) -> float:
     """The real trainer (2 gloo ranks, tiny backbone, CosFace) on the synthetic source, with
     each planted label rendered from its partner's prototype: one identity, two labels."""
     import pfc_ds.train.synthetic as syn
-    from tests.test_train_common import cfg_dict, ds_config, make_trainer
+    from tests.trainer_helpers import cfg_dict, ds_config, make_trainer
 
     num_classes = 40
     alias = torch.arange(num_classes)
@@ -259,16 +261,16 @@ def _train_with_duplicates(rank: int, world: int, out: str) -> float:
 @pytest.mark.slow
 def test_recovers_planted_duplicates_from_trained_checkpoint(tmp_path):
     """Written by 2 ranks, read by 1 process (and again after a reshard to 1 shard)."""
+    from pfc_ds.checkpoint.shard_files import load_shard
     from pfc_ds.head.reshard import consolidate
-    from pfc_ds.train.shard_files import load_shard
 
     out = tmp_path / "run"
     losses = run_distributed(_train_with_duplicates, 2, str(out))
     assert losses[0] < 2.0
-    paths = fc.resolve_shards(out)
+    paths = head_shard_paths(out)
     assert [p.name for p in paths] == [shard_name(r, 2) for r in range(2)]
-    found = fc.find_conflicts(paths, 0.7)
-    prec, rec, _ = fc.precision_recall([(a, b) for a, b, _ in found], set(PLANTED))
+    found = conflicts.find_conflicts(paths, 0.7)
+    prec, rec, _ = conflicts.precision_recall([(a, b) for a, b, _ in found], set(PLANTED))
     assert rec == 1.0 and prec >= 0.75, found
     top = {(a, b) for a, b, _ in found[: len(PLANTED)]}
     assert top == set(PLANTED)  # the planted pairs are the most similar centres
@@ -276,4 +278,4 @@ def test_recovers_planted_duplicates_from_trained_checkpoint(tmp_path):
     one = consolidate([load_shard(p) for p in paths])
     (tmp_path / "w1").mkdir()
     save_shard(one, tmp_path / "w1" / shard_name(0, 1))
-    assert fc.find_conflicts(fc.resolve_shards(tmp_path / "w1"), 0.7) == found
+    assert conflicts.find_conflicts(head_shard_paths(tmp_path / "w1"), 0.7) == found

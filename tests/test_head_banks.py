@@ -11,7 +11,7 @@ import torch
 import pfc_ds
 from pfc_ds.head.host_bank import DiskBank
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, full_head, make_trainer
+from tests.trainer_helpers import cfg_dict, ds_config, full_head, make_trainer
 
 
 def _head_run(bank: str, dtype: torch.dtype, opt: str, prefetch: bool, path, accum: int = 1):
@@ -121,8 +121,8 @@ def test_trainer_banks_bit_identical_across_resume(tmp_path, dtype):
 def test_disk_bank_checkpoints_copy_files_and_every_bank_loads_them(tmp_path, monkeypatch, dtype):
     """A disk bank's save copies its files (nothing streams through memory); a load into a
     disk bank copies row ranges file to file, into the others a chunk at a time; all equal."""
+    from pfc_ds.checkpoint import shard_files
     from pfc_ds.head import row_files
-    from pfc_ds.train import shard_files
 
     run = {}
     head = _trained_head("disk", dtype, tmp_path / "bank", run)

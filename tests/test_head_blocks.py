@@ -15,7 +15,7 @@ from pfc_ds.head import partial_fc
 def _run(opt_name: str, dtype: torch.dtype, block_bytes: int | None, monkeypatch, accum: int = 1):
     if block_bytes is not None:
         monkeypatch.setattr(partial_fc, "ROW_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(bank_module, "_GATHER_BLOCK", 5 * 16)  # 5 rows of D=16
+        monkeypatch.setattr(bank_module, "GATHER_BLOCK", 5 * 16)  # 5 rows of D=16
     torch.manual_seed(0)
     head = pfc_ds.PartialFC(
         pfc_ds.CombinedMarginLoss(32.0, 1.0, 0.0, 0.3), 16, 400, sample_rate=0.2, dtype=dtype,
@@ -58,7 +58,7 @@ def test_blocks_are_bit_identical_in_half_storage(monkeypatch, dtype):
 
 
 def test_half_gather_is_blocked_and_exact(monkeypatch):
-    monkeypatch.setattr(bank_module, "_GATHER_BLOCK", 3 * 8)
+    monkeypatch.setattr(bank_module, "GATHER_BLOCK", 3 * 8)
     w = torch.randn(50, 8).to(torch.float16)
     bank = bank_module.CenterBank(w.clone())
     rows = torch.tensor([4, 0, 49, 7, 7, 20, 33])

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, make_trainer
+from tests.trainer_helpers import cfg_dict, ds_config, make_trainer
 
 CFG = cfg_dict(train={"max_steps": 6, "save_every": 2, "keep_last": 0, "log_every": 1})
 Usage = namedtuple("Usage", "total used free")
@@ -41,7 +41,7 @@ def _capture() -> list[str]:
         def emit(self, record):
             records.append(record.getMessage())
 
-    logger = logging.getLogger("pfc_ds.train")
+    logger = logging.getLogger("pfc_ds")
     logger.setLevel(logging.INFO)
     logger.addHandler(Catch())
     return records
@@ -75,7 +75,7 @@ def _damaged(rank: int, world: int, tmp: str) -> dict:
     log = _capture()
     ref = make_trainer(CFG, ds_config(0), f"{tmp}/ref")
     ref.fit()
-    out = {"ref": _losses(ref), "estimate": ref.checkpoint_estimate}
+    out = {"ref": _losses(ref), "estimate": ref.checkpointer.estimated}
     meta = json.loads(Path(f"{tmp}/ref/checkpoints/step00000002/meta.json").read_text())
     out["first_size"] = meta["bytes"]
     for case in CASES:
@@ -85,7 +85,6 @@ def _damaged(rank: int, world: int, tmp: str) -> dict:
         dist.barrier()
         log.clear()
         tr = make_trainer(CFG, ds_config(0), f"{tmp}/{case}", resume=True)
-        tr.setup()
         resumed_at = tr.step
         tr.fit()
         out[case] = {
@@ -109,7 +108,6 @@ def _resume_w1(rank: int, world: int, tmp: str) -> dict:
     """The damaged run's output, resumed at world size 1 with the same per-rank batch."""
     log = _capture()
     tr = make_trainer(CFG, ds_config(0), f"{tmp}/truncated_head_shard", resume=True)
-    tr.setup()
     return {"step": tr.step, "log": list(log)}
 
 
@@ -175,8 +173,8 @@ def test_resume_at_another_world_size_warns_of_the_global_batch(damaged):
 
 
 def _disk(rank: int, world: int, tmp: str) -> dict:
-    from pfc_ds.train import checkpoint as ckpt
-    from pfc_ds.train.checkpoint import CheckpointError
+    from pfc_ds.checkpoint import CheckpointError, open_checkpoint
+    from pfc_ds.checkpoint.reader import verify
     from pfc_ds.train.divergence import DivergenceError
     from pfc_ds.train.faults import Faults
 
@@ -202,26 +200,22 @@ def _disk(rank: int, world: int, tmp: str) -> dict:
             error = str(exc)
         finally:
             shutil.disk_usage = real_usage
-        folder, meta = ckpt.find_latest(f"{tmp}/full_{mode}")
+        ref = open_checkpoint(f"{tmp}/full_{mode}")
         out[mode] = {
             "error": error,
             "step": tr.step,
             "log": list(log),
             "tags": sorted(p.name for p in Path(f"{tmp}/full_{mode}/checkpoints").glob("step*")),
             "latest": Path(f"{tmp}/full_{mode}/checkpoints/latest").read_text().strip(),
-            "verify": ckpt.verify(folder, meta),
+            "verify": verify(ref),
             "backbone": Path(f"{tmp}/full_{mode}/backbone.pt").is_file(),
         }
 
     # ENOSPC on rank 1 while its head shard of step 4 is written.
-    tr = make_trainer(CFG, ds_config(0), f"{tmp}/enospc")
-
-    def enospc(step):
-        if step == 3:
-            tr.faults = Faults("enospc:file=head_shard,rank=1", rank=rank, attempt=0)
-
+    faults = Faults("enospc:file=head_shard,rank=1,step=4", rank=rank, attempt=0)
+    tr = make_trainer(CFG, ds_config(0), f"{tmp}/enospc", faults=faults)
     try:
-        tr.fit(on_step=enospc)
+        tr.fit()
         out["enospc"] = None
     except CheckpointError as exc:
         out["enospc"] = str(exc)
@@ -246,7 +240,7 @@ def _disk(rank: int, world: int, tmp: str) -> dict:
     for key, value in (("model", {"embedding_size": 32}), ("data", {"num_classes": 12})):
         cfg = cfg_dict(**{**CFG, key: {**CFG[key], **value}})
         try:
-            make_trainer(cfg, ds_config(0), f"{tmp}/enospc", resume=True).setup()
+            make_trainer(cfg, ds_config(0), f"{tmp}/enospc", resume=True)
             out[f"mismatch_{key}"] = None
         except Exception as exc:
             out[f"mismatch_{key}"] = f"{type(exc).__name__}: {exc}"

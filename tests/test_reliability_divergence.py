@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, make_trainer
+from tests.trainer_helpers import cfg_dict, ds_config, make_trainer
 
 FP16 = {"initial_scale_power": 8}
 

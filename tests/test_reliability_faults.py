@@ -35,8 +35,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfc_ds.train import checkpoint as ckpt
-from pfc_ds.train.shard_files import load_shard
+from pfc_ds.checkpoint import layout, open_checkpoint
+from pfc_ds.checkpoint.reader import verify
+from pfc_ds.checkpoint.shard_files import load_shard
 from tests.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +146,8 @@ def _report(**row) -> None:
 
 
 def _intact(out: Path, step: int) -> bool:
-    folder = out / "checkpoints" / ckpt.tag_for(step)
-    meta = json.loads((folder / ckpt.META).read_text())
-    return ckpt.verify(folder, meta) == [] and len(meta["files"]) == 9
+    ref = open_checkpoint(out / "checkpoints" / layout.tag_for(step))
+    return verify(ref) == [] and len(ref.meta["files"]) == 9
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +324,7 @@ def test_a_second_sigterm_during_the_stop_checkpoint_exits_at_once(reference):
             p.send_signal(signal.SIGTERM)
 
         def saving() -> bool:
-            return any(s > 3 for s, _ in ckpt._tags(out / "checkpoints"))
+            return any(s > 3 for s, _ in layout.tags(out / "checkpoints"))
 
         _wait_for(saving, procs, 60, "the stop's checkpoint")
         for p in procs:
@@ -340,7 +340,7 @@ def test_a_second_sigterm_during_the_stop_checkpoint_exits_at_once(reference):
     step = int(re.search(r"SIGTERM again while writing the checkpoint of step (\d+): ", log)[1])
     assert step >= 6
     assert "exiting now without it; the previous checkpoint is intact" in log
-    assert not (out / "checkpoints" / ckpt.tag_for(step) / ckpt.META).exists()
+    assert not (out / "checkpoints" / layout.tag_for(step) / layout.META).exists()
     assert (out / "checkpoints/latest").read_text().strip() == "step00000003"
     assert _intact(out, 3)
     reached = max(_losses(_records(out)))

@@ -1,136 +1,25 @@
-"""Reliability pieces in one process, no DeepSpeed ranks: checksums and verification, tag
-discovery and pruning, fault specs, the loss-scale guard, config ranges, pre-flight checks, the
-second-signal exit and the watchdog (both in a subprocess: they end the process)."""
+"""Reliability pieces in one process, no DeepSpeed ranks: fault specs, the loss-scale guard,
+config ranges, pre-flight checks, the second-signal exit and the watchdog (both in a
+subprocess: they end the process)."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import zlib
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
 
-from pfc_ds.train import checkpoint as ckpt
-from pfc_ds.train import integrity, peers, preflight
+from pfc_ds.train import peers, preflight
 from pfc_ds.train.config import ConfigError, load_config
 from pfc_ds.train.divergence import ScaleGuard, nonfinite_weights
 from pfc_ds.train.faults import Faults
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
-
-# ---- checksums and file records ---------------------------------------------------------------
-
-
-def test_checksums_stream_in_blocks_and_match_one_shot(tmp_path, monkeypatch):
-    import xxhash
-
-    monkeypatch.setattr(integrity, "_BLOCK", 1000)  # many blocks and a partial last one
-    data = os.urandom(12_345)
-    path = tmp_path / "f.bin"
-    path.write_bytes(data)
-    assert integrity.checksum(path, "xxh3_64") == xxhash.xxh3_64(data).hexdigest()
-    assert integrity.checksum(path, "crc32") == f"{zlib.crc32(data):08x}"
-    with pytest.raises(ValueError, match="unknown checksum algorithm 'md5'"):
-        integrity.checksum(path, "md5")
-
-
-def test_a_missing_truncated_or_corrupt_file_is_named(tmp_path):
-    path = tmp_path / "mp_rank_00_model_states.pt"
-    path.write_bytes(bytes(range(256)) * 4)
-    entry = integrity.record(path)
-    assert entry == {
-        "size": 1024,
-        "algorithm": "xxh3_64",
-        "checksum": integrity.checksum(path),
-    }
-    assert integrity.problem(tmp_path, path.name, entry) is None
-    raw = bytearray(path.read_bytes())
-    raw[500] ^= 0x01  # one flipped bit
-    path.write_bytes(bytes(raw))
-    assert integrity.problem(tmp_path, path.name, entry) == (
-        f"{path}: xxh3_64 {integrity.checksum(path)}, expected {entry['checksum']} (corrupt)"
-    )
-    path.write_bytes(bytes(raw[:1000]))
-    assert integrity.problem(tmp_path, path.name, entry) == (
-        f"{path}: 1000 bytes, expected 1024 (truncated)"
-    )
-    path.unlink()
-    assert integrity.problem(tmp_path, path.name, entry) == f"{path}: missing"
-
-
-# ---- tags: discovery, verification, pruning ---------------------------------------------------
-
-
-def _tag(root: Path, step: int, complete: bool = True) -> Path:
-    folder = root / ckpt.CHECKPOINTS / ckpt.tag_for(step)
-    folder.mkdir(parents=True)
-    data = folder / "trainer_state_00000.pt"
-    data.write_bytes(str(step).encode() * 100)
-    if complete:
-        meta = {"step": step, "files": {data.name: integrity.record(data)}}
-        (folder / ckpt.META).write_text(json.dumps(meta))
-    return folder
-
-
-def test_candidates_are_complete_tags_newest_first_whatever_latest_says(tmp_path):
-    for step in (5, 100, 20):
-        _tag(tmp_path, step)
-    _tag(tmp_path, 300, complete=False)  # a save cut short
-    (tmp_path / ckpt.CHECKPOINTS / "step00000200.damaged").mkdir()
-    (tmp_path / ckpt.CHECKPOINTS / ckpt.LATEST).write_text("step00000020\n")
-    steps = [meta["step"] for _, meta in ckpt.candidates(tmp_path)]
-    assert steps == [100, 20, 5]
-    assert [p.name for p in ckpt.incomplete(tmp_path)] == ["step00000300"]
-    assert ckpt.find_latest(tmp_path)[1]["step"] == 100
-    assert ckpt.find_latest(tmp_path / "nothing") is None
-
-
-def test_verify_names_the_damaged_file_and_set_aside_moves_the_tag(tmp_path):
-    folder = _tag(tmp_path, 7)
-    meta = json.loads((folder / ckpt.META).read_text())
-    assert ckpt.verify(folder, meta) == []
-    data = folder / "trainer_state_00000.pt"
-    data.write_bytes(data.read_bytes()[:-1])
-    assert ckpt.verify(folder, meta) == [f"{data}: 99 bytes, expected 100 (truncated)"]
-    assert ckpt.verify(folder, {"step": 7}) == []  # format 1: no file list to check
-    moved = ckpt.set_aside(folder)
-    assert moved.name == "step00000007.damaged" and not folder.exists()
-    assert ckpt.candidates(tmp_path) == []
-
-
-def test_prune_keeps_the_newest_latest_and_protected_tags_and_drops_cut_short_saves(tmp_path):
-    for step in (1, 2, 3, 4, 5):
-        _tag(tmp_path, step)
-    _tag(tmp_path, 9, complete=False)
-    root = tmp_path / ckpt.CHECKPOINTS
-    (root / ckpt.LATEST).write_text("step00000002\n")  # latest names an older tag
-    ckpt._prune(root, keep_last=2, keep={"step00000001"})  # e.g. the tag resumed from
-    assert sorted(p.name for p in root.glob("step*")) == [
-        "step00000001",
-        "step00000002",
-        "step00000004",
-        "step00000005",
-    ]
-    ckpt._prune(root, keep_last=0, keep=set())  # keep_last 0 keeps everything
-    assert len(list(root.glob("step*"))) == 4
-
-
-def test_space_short_reports_the_rank_and_its_free_bytes(tmp_path, monkeypatch):
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
-    root = tmp_path / "out" / ckpt.CHECKPOINTS  # not created yet: its parent is asked
-    assert ckpt.space_short(root, 4000) is None
-    assert ckpt.space_short(root, 6000) == (0, 5000)
-    assert ckpt.size_text(5000) == "5.0 KB" and ckpt.size_text(3.2e9) == "3.2 GB"
-
 
 # ---- fault specs ------------------------------------------------------------------------------
 
@@ -153,9 +42,13 @@ def test_fault_specs_select_rank_attempt_and_fire_each_step_once():
 
 def test_enospc_fault_raises_for_matching_files_only(tmp_path):
     faults = Faults("enospc:file=head_shard", rank=0, attempt=0)
-    faults.before_file(tmp_path / "trainer_state_00000.pt")
+    faults.before_file(tmp_path / "trainer_state_00000.pt", 2)
     with pytest.raises(OSError, match="No space left on device"):
-        faults.before_file(tmp_path / "head_shard_00000_of_00001.pt")
+        faults.before_file(tmp_path / "head_shard_00000_of_00001.pt", 2)
+    at_step_4 = Faults("enospc:file=head_shard,step=4", rank=0, attempt=0)
+    at_step_4.before_file(tmp_path / "head_shard_00000_of_00001.pt", 2)  # another step
+    with pytest.raises(OSError, match="No space left on device"):
+        at_step_4.before_file(tmp_path / "head_shard_00000_of_00001.pt", 4)
 
 
 # ---- loss-scale guard and finite weights ------------------------------------------------------
@@ -263,19 +156,21 @@ def test_train_sh_precheck_names_an_unwritable_output(tmp_path):
 
 
 def test_resume_mismatch_names_key_and_checkpoint(tmp_path):
+    from pfc_ds.checkpoint import CheckpointRef
+
     cfg = load_config(DEMO)
     meta = {"backbone": "tiny", "embedding_size": 128, "num_classes": 300}
-    assert preflight.resume_mismatch(meta, tmp_path, cfg) is None
-    assert preflight.resume_mismatch({**meta, "embedding_size": 64}, tmp_path, cfg) == (
+
+    def mismatch(**changed):
+        return preflight.resume_mismatch(CheckpointRef(tmp_path, {**meta, **changed}), cfg, 300)
+
+    assert mismatch() is None
+    assert mismatch(embedding_size=64) == (
         f"model.embedding_size=128 but the checkpoint {tmp_path} was trained with 64: set "
         "model.embedding_size: 64 to resume it, or use another train.output"
     )
-    assert "data.num_classes=300 but the checkpoint" in preflight.resume_mismatch(
-        {**meta, "num_classes": 1000}, tmp_path, cfg
-    )
-    assert "model.backbone='tiny' but the checkpoint" in preflight.resume_mismatch(
-        {**meta, "backbone": "r50"}, tmp_path, cfg
-    )
+    assert "data.num_classes=300 but the checkpoint" in mismatch(num_classes=1000)
+    assert "model.backbone='tiny' but the checkpoint" in mismatch(backbone="r50")
 
 
 def test_peer_failure_recognises_gloo_and_nccl_messages_only():

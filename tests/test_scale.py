@@ -52,7 +52,7 @@ def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, micr
     micro-batches a step (one window: nothing more, but a sample sized for both)."""
     if blocks:
         monkeypatch.setattr(partial_fc, "ROW_BLOCK_BYTES", 40 * 16 * 4)  # 40 rows of D=16
-        monkeypatch.setattr(bank_module, "_GATHER_BLOCK", 25 * 16)
+        monkeypatch.setattr(bank_module, "GATHER_BLOCK", 25 * 16)
     g = store if gemm == "same" else None
     num_classes, batch, dim = 3000, 24, 16
     head = pfc_ds.PartialFC(

@@ -3,7 +3,7 @@
 A small learnable insightface-layout ``.rec`` is written by ``data_pipelines.synth`` (20 ids x 7
 images = 140, a global batch of 16 leaves 12 dropped per epoch, 8 steps per epoch).
 
-* Fast: the trainer's data seam (``pfc_ds.train.loop.build_loader`` from a trainer ``Config``)
+* Fast: the trainer's data seam (``pfc_ds.train.build.build_loader`` from a trainer ``Config``)
   yields int64 labels that are exactly the file's labels in the documented global order, the
   same number of steps on both ranks as ``len()`` promises, and ``state_dict``/``load_state_dict``
   continue with the very batch an uninterrupted loader yields next (mid-epoch and at the end
@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
-from tests.test_train_common import ds_config, make_trainer
+from tests.trainer_helpers import ds_config, make_trainer
 
 IDS, PER_ID = 20, 7  # 140 images
 NUM_IMAGES = IDS * PER_ID
@@ -148,11 +148,13 @@ def _bad_rec(prefix: str) -> tuple[int, int]:
 
 
 def _seam_loader(prefix: str, tmp: Path, rank: int):
+    from pfc_ds.train.build import build_loader
     from pfc_ds.train.config import Config
-    from pfc_ds.train.loop import build_loader
 
     cfg = Config.from_dict(_cfg(prefix, tmp))
-    return build_loader(cfg, rank=rank, world_size=WORLD, device="cpu", seed=cfg.data.seed)
+    loader, num_classes = build_loader(cfg, rank=rank, world_size=WORLD, device="cpu")
+    assert num_classes == loader.num_classes  # data.num_classes unset: the file's count
+    return loader
 
 
 def test_trainer_data_seam_reads_the_rec_in_order_and_resumes(rec: str, tmp_path: Path) -> None:
@@ -196,8 +198,8 @@ def test_trainer_data_seam_reads_the_rec_in_order_and_resumes(rec: str, tmp_path
 
 def test_label_beyond_num_classes_is_refused_naming_label_and_record(tmp_path: Path) -> None:
     from data_pipelines import DataError
+    from pfc_ds.train.build import build_loader
     from pfc_ds.train.config import Config
-    from pfc_ds.train.loop import build_loader
 
     prefix = str(tmp_path / "bad" / "train")
     Path(prefix).parent.mkdir()
@@ -205,7 +207,7 @@ def test_label_beyond_num_classes_is_refused_naming_label_and_record(tmp_path: P
     cfg = _cfg(prefix, tmp_path)
     cfg["data"]["num_classes"] = 4
     with pytest.raises(DataError) as err:
-        build_loader(Config.from_dict(cfg), rank=0, world_size=1, device="cpu", seed=SEED)
+        build_loader(Config.from_dict(cfg), rank=0, world_size=1, device="cpu")
     msg = str(err.value)
     assert f"{prefix}.rec" in msg, msg
     assert f"key={key} offset={offset}" in msg, msg
@@ -254,7 +256,6 @@ class _Recorder:
 
 def _fit(cfg: dict, output: str, *, resume: bool = False, stop_at=None, keep_images=()):
     trainer = make_trainer(cfg, ds_config(0), output, resume=resume)
-    trainer.setup()
     at_setup = {"step": trainer.step, "epoch": trainer.epoch, "data": trainer.loader.state_dict()}
     recorder = _Recorder(trainer.loader, keep_images)
     trainer.loader = recorder
@@ -290,13 +291,11 @@ def _train_on_rec(rank: int, world: int, tmp: str, prefix: str, bad_prefix: str)
 
     bad = _cfg(bad_prefix, tmp)
     bad["data"]["num_classes"] = 4
-    trainer = make_trainer(bad, ds_config(0), f"{tmp}/bad")
     try:
-        trainer.setup()
-        out["refused"] = None
-    except DataError as exc:
-        out["refused"] = str(exc)
-    out["bad_step"] = getattr(trainer, "step", None)
+        trainer = make_trainer(bad, ds_config(0), f"{tmp}/bad")
+        out["refused"], out["bad_step"] = None, trainer.step
+    except DataError as exc:  # refused while building the loader, before any step
+        out["refused"], out["bad_step"] = str(exc), None
     return out
 
 

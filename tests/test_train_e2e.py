@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfc_ds.train.shard_files import load_shard
+from pfc_ds.checkpoint.shard_files import load_shard
 from tests.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
-from tests.test_train_common import assert_close_states, cfg_dict, ds_config, make_trainer, snapshot
+from tests.trainer_helpers import assert_close_states, cfg_dict, ds_config, make_trainer, snapshot
 
 STAGES = (0, 1, 2, 3)
 STEPS = 5

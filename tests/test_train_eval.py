@@ -16,7 +16,7 @@ from pfc_ds.train.config import Config, ConfigError, load_config
 from pfc_ds.train.evaluation import synthetic_bin
 from pfc_ds.train.synthetic import heldout_pairs
 from tests.dist import run_distributed
-from tests.test_train_common import ROOT, cfg_dict, ds_config, make_trainer
+from tests.trainer_helpers import ROOT, cfg_dict, ds_config, make_trainer
 
 EVAL = {"synthetic_pairs": 60, "every": 3, "batch_size": 16}
 

@@ -15,13 +15,11 @@ code path anyway. W=2, shipped ``zero{0,2}_fp16.json`` with the initial scale lo
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, full_head, make_trainer, rel_err
+from tests.trainer_helpers import cfg_dict, ds_config, full_head, make_trainer, rel_err
 
 INITIAL_SCALE = 2.0**8
 
@@ -40,12 +38,13 @@ def _state(trainer) -> dict:
 def _worker(rank: int, world: int, tmp: str) -> dict:
     from deepspeed.accelerator import get_accelerator
 
+    from pfc_ds.train.faults import Faults
+
     get_accelerator().is_fp16_supported = lambda: True
     cfg = cfg_dict(train={"batch_size": 4, "max_steps": 3})
     out = {}
     for stage in (0, 2):
         ref = make_trainer(cfg, ds_config(stage, "fp32"), f"{tmp}/fp32_z{stage}")
-        ref.setup()
         ref0 = _state(ref)
         ref.fit(stop_at=1)
         ref1 = _state(ref)
@@ -60,14 +59,10 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
             nan_error = str(exc)
 
         ds = ds_config(stage, "fp16", fp16={"initial_scale_power": 8})
-        tr = make_trainer(cfg, ds, f"{tmp}/fp16_z{stage}")
         # The production fault: rank 1's head row gradient turns inf at step 2, after its
         # backward (what tools/gpu_check.sh injects on a GPU).
-        os.environ["PFC_DS_FAULT"] = "head_inf:step=2,rank=1"
-        try:
-            tr.setup()
-        finally:
-            del os.environ["PFC_DS_FAULT"]
+        faults = Faults("head_inf:step=2,rank=1", rank=rank, attempt=0)
+        tr = make_trainer(cfg, ds, f"{tmp}/fp16_z{stage}", faults=faults)
         s0 = _state(tr)
         tr.fit(stop_at=1)
         s1 = _state(tr)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, full_head, make_trainer
+from tests.trainer_helpers import cfg_dict, ds_config, full_head, make_trainer
 
 FAMILIES = ("r18", "mbf", "vit_t", "tiny")  # the smallest member of each registered family
 STAGES = (0, 2, 3)
@@ -48,7 +48,6 @@ def _cell(backbone: str, stage: int, precision: str, out: str) -> dict:
     if precision == "fp16":
         ds["fp16"] = {**ds["fp16"], "initial_scale_power": 8}
     tr = make_trainer(cfg, ds, out)
-    tr.setup()
     before = tr.backbone_state()
     head_before = full_head(tr)["weight"].clone()
     zero_init = sorted(n for n, v in before.items() if v.is_floating_point() and not v.any())
@@ -60,12 +59,12 @@ def _cell(backbone: str, stage: int, precision: str, out: str) -> dict:
     )
     trainable = sorted(n for n, p in tr.engine.module.named_parameters() if p.requires_grad)
     from pfc_ds.backbones import get_backbone
-    from pfc_ds.train import checkpoint as ckpt
+    from pfc_ds.checkpoint import consolidated_backbone, open_checkpoint
 
     get_backbone(backbone, 32).load_state_dict(after, strict=True)
     # The checkpoint consolidates to the same fp32 weights (what tools.backbone writes).
-    folder, meta = ckpt.find_latest(out)
-    consolidated = ckpt.consolidated_backbone(folder, meta) if dist.get_rank() == 0 else after
+    ref = open_checkpoint(out)
+    consolidated = consolidated_backbone(ref) if dist.get_rank() == 0 else after
     get_backbone(backbone, 32).load_state_dict(consolidated, strict=True)
     differ = sorted(k for k, v in after.items() if not torch.equal(consolidated[k], v))
     return {

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_distributed
-from tests.test_train_common import (
+from tests.trainer_helpers import (
     assert_close_states,
     cfg_dict,
     ds_config,
@@ -76,8 +76,8 @@ def _saved(folder: str, stage: int) -> dict:
     """Consolidated head and fp32 backbone as saved at step HALF, read without the trainer."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pfc_ds.checkpoint.shard_files import find_shards, load_shard
     from pfc_ds.head.reshard import consolidate
-    from pfc_ds.train.shard_files import find_shards, load_shard
 
     tag = f"step{HALF:08d}"
     path = f"{folder}/checkpoints/{tag}"
@@ -97,7 +97,7 @@ def _cross(rank: int, world: int, tmp: str, src_world: int, cases: list[str]) ->
         def emit(self, record):
             records.append(record.getMessage())
 
-    logger = logging.getLogger("pfc_ds.train")
+    logger = logging.getLogger("pfc_ds")
     logger.setLevel(logging.INFO)
     logger.addHandler(Catch())
     out = {}
@@ -106,7 +106,6 @@ def _cross(rank: int, world: int, tmp: str, src_world: int, cases: list[str]) ->
         saved = _saved(folder, CASES[case][0])
         records.clear()
         trainer = make_trainer(_cfg(world, case), _ds(case), folder, resume=True)
-        trainer.setup()
         at_resume = {
             "step": trainer.step,
             "head": full_head(trainer),
@@ -130,9 +129,7 @@ def _finetune(tmp: str) -> dict:
     cfg = _cfg(1, "z0")
     cfg["model"]["pretrained"] = src
     tuned = make_trainer(cfg, _ds("z0"), f"{tmp}/finetune")
-    tuned.setup()
     fresh = make_trainer(_cfg(1, "z0"), _ds("z0"), f"{tmp}/fresh")
-    fresh.setup()
     want = torch.load(src, weights_only=True)
     got, init = tuned.backbone_state(), fresh.backbone_state()
     return {

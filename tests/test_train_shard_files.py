@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfc_ds.train import shard_files
-from pfc_ds.train.shard_files import atomic_save, load_shard, save_shard
+from pfc_ds.checkpoint import shard_files
+from pfc_ds.checkpoint.shard_files import atomic_save, load_shard, save_shard
 
 
 def _state(dtype):
@@ -59,8 +59,8 @@ def test_a_truncated_row_file_is_named(tmp_path):
 
 def _saved_shards(folder, num_classes: int, world: int, dtype, states=("momentum", "steps")):
     """A ``world``-rank head saved in the raw-file format; global row r holds the value r."""
+    from pfc_ds.checkpoint.shard_files import shard_name
     from pfc_ds.head.sharding import shard_range
-    from pfc_ds.train.shard_files import shard_name
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -86,9 +86,9 @@ def _saved_shards(folder, num_classes: int, world: int, dtype, states=("momentum
 @pytest.mark.parametrize(("src", "dst"), [(3, 2), (2, 3), (1, 4), (4, 1), (2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_file_shards_equal_the_in_memory_reshard(tmp_path, monkeypatch, src, dst, dtype):
+    from pfc_ds.checkpoint.shard_files import file_shard, shard_name
     from pfc_ds.head.reshard import reshard_shard
     from pfc_ds.head.row_files import FileRows
-    from pfc_ds.train.shard_files import file_shard, shard_name
 
     paths = _saved_shards(tmp_path / "src", 23, src, dtype)
     monkeypatch.setattr(shard_files, "_stream", None)  # a file shard must never stream rows
@@ -122,23 +122,24 @@ def test_file_shards_equal_the_in_memory_reshard(tmp_path, monkeypatch, src, dst
         assert (got[~covered] == 9).all()  # uncovered rows are the loader's zeros to keep
 
 
-def test_file_shard_of_single_file_shards_is_none(tmp_path):
-    from pfc_ds.train.shard_files import file_shard
+def test_file_shard_refuses_rows_inside_the_pt_naming_the_file(tmp_path):
+    from pfc_ds.checkpoint.shard_files import file_shard
 
     (path,) = _saved_shards(tmp_path, 9, 1, torch.float32)
-    atomic_save(load_shard(path), path)  # the rows inside the .pt, as earlier versions wrote
-    assert file_shard([path], 1, 0, seed=0) is None
+    atomic_save(load_shard(path), path)  # the rows inside the .pt: not a format we write
+    with pytest.raises(ValueError, match=f"{path}: weight rows inside the .pt"):
+        file_shard([path], 1, 0, seed=0)
 
 
 @pytest.mark.parametrize(("src", "dst"), [(3, 2), (1, 3)])
 def test_a_disk_bank_loads_row_ranges_file_to_file(tmp_path, monkeypatch, src, dst):
     """Same-dtype rows are kernel copies window by window; fp16 momentum into an fp32 one is
     read and converted a chunk at a time; both equal the in-memory reshard."""
+    from pfc_ds.checkpoint.shard_files import file_shard
     from pfc_ds.head import host_bank
     from pfc_ds.head.bank import ROW_STATES
     from pfc_ds.head.reshard import reshard_shard
     from pfc_ds.head.sharding import shard_range
-    from pfc_ds.train.shard_files import file_shard
 
     monkeypatch.setattr(host_bank, "_WINDOW_BYTES", 30)  # windows of 3 weight rows
     paths = _saved_shards(tmp_path / "src", 23, src, torch.float16)

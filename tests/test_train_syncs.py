@@ -13,7 +13,7 @@ import pytest
 
 from tests.audit import SyncAudit
 from tests.dist import run_distributed
-from tests.test_train_common import cfg_dict, ds_config, make_trainer
+from tests.trainer_helpers import cfg_dict, ds_config, make_trainer
 
 
 class OwnSyncAudit(SyncAudit):
@@ -37,7 +37,6 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
             train={"grad_accum": 2, "max_steps": 4, "log_every": 1000},
         )
         tr = make_trainer(cfg, ds_config(stage, precision), f"{tmp}/{stage}")
-        tr.setup()
         batches = iter(tr.loader)
         audit = OwnSyncAudit()
         with audit:

@@ -305,12 +305,12 @@ def test_reshard_momentum_none_and_mismatched_sets():
 
 
 def test_reshard_cli_roundtrip(tmp_path):
-    from pfc_ds.train.shard_files import shard_name
+    from pfc_ds.checkpoint.shard_files import save_shard, shard_name
 
     src = tmp_path / "src"
     src.mkdir()
     for rank, shard in enumerate(_shards(10, 2)):
-        torch.save(shard, src / shard_name(rank, 2))
+        save_shard(shard, src / shard_name(rank, 2))
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "pfc_ds.tools.reshard", *map(str, a)],
         cwd=ROOT,

@@ -47,9 +47,15 @@ def _meta(ids: int, dim: int) -> dict:
 def _op(kind: str, root: str, ids: int, dim: int, queue) -> None:
     import torch
 
+    from pfc_ds.checkpoint.shard_files import (
+        file_shard,
+        find_shards,
+        load_shard,
+        save_shard,
+        shard_name,
+    )
     from pfc_ds.head.bank import CenterBank
     from pfc_ds.head.reshard import reshard_shard
-    from pfc_ds.train.shard_files import file_shard, find_shards, load_shard, save_shard, shard_name
 
     root_p = Path(root)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

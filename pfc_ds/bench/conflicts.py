@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from pfc_ds.checkpoint.shard_files import save_shard, shard_name
+from pfc_ds.conflicts import open_bank
+from pfc_ds.conflicts.scan import DEFAULT_BLOCK_ROWS, open_weights, scan, workspace_bytes
 from pfc_ds.head.sharding import shard_range
-from pfc_ds.tools.conflict_scan import DEFAULT_BLOCK_ROWS, open_weights, scan, workspace_bytes
-from pfc_ds.tools.find_conflicts import open_bank
-from pfc_ds.train.shard_files import save_shard, shard_name
 
 GPU_FP32 = 50e12  # assumed sustained fp32 (no TF32) GEMM rate of an H100/H200-class GPU
 GPU_H2D = 50e9  # assumed host-to-device bytes/s (PCIe 5)

@@ -269,13 +269,11 @@ def resolve_device(name: str) -> torch.device:
 def load_checkpoint_model(
     checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, int, dict]:
-    """(fp32 eval-mode backbone on ``device``, its input image size, the checkpoint's meta) of a
-    training output or tag folder, via ``pfc_ds.tools.backbone.load_backbone``. Checkpoints
-    older than the ``image_size`` meta key were all 112 px."""
-    from pfc_ds.tools import backbone as tools_backbone
+    """(fp32 eval-mode backbone on ``device``, its input image size, the checkpoint's meta with
+    its ``folder``) of anything ``pfc_ds.checkpoint.open_checkpoint`` takes."""
+    from pfc_ds.checkpoint import reader
 
     device = resolve_device(str(device))
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    model, meta = tools_backbone.load_backbone(checkpoint)
-    return model.to(device).eval(), int(meta.get("image_size") or 112), meta
+    model, ref = reader.load_backbone(checkpoint)
+    meta = {**ref.meta, "folder": str(ref.folder)}
+    return model.to(device).eval(), int(meta["image_size"]), meta

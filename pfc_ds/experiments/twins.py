@@ -23,14 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pfc_ds.checkpoint import head_shard_paths
+from pfc_ds.conflicts import find_conflicts, open_bank, precision_recall, read_pairs
 from pfc_ds.experiments.report import mean_std
-from pfc_ds.tools.find_conflicts import (
-    find_conflicts,
-    open_bank,
-    precision_recall,
-    read_pairs,
-    resolve_shards,
-)
 
 
 def twin_stats(
@@ -39,7 +34,7 @@ def twin_stats(
     """Cosines of the planted pairs and of random pairs, how often a twin is the other's
     nearest centre, and the finder's precision/recall at each threshold. (The nearest-centre
     rate forms the whole C x C matrix: for these 2k-class heads only; the finder is blockwise.)"""
-    shards = resolve_shards(train)
+    shards = head_shard_paths(train)
     bank = open_bank(shards)
     w = torch.nn.functional.normalize(torch.cat([x.float() for x in bank.weights]), dim=1)
     a, b = (torch.tensor(c) for c in zip(*sorted(planted), strict=True))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pfc_ds.head import seeds
+from pfc_ds.head.names import DTYPES
 from pfc_ds.head.rounding import RoundingKey, scratch_elements, stochastic_round
 from pfc_ds.head.row_files import FileRows
 from pfc_ds.head.workspace import Workspace
@@ -21,7 +22,7 @@ from pfc_ds.head.workspace import Workspace
 # partly-used blocks per rank.
 _INIT_BLOCK = 8192
 _INIT_STD = 0.01
-STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = tuple(DTYPES.values())
 
 
 def init_centres(
@@ -60,7 +61,7 @@ def init_centres(
 
 
 # Gathers that change dtype stage at most this many elements at a time (16 MB of fp32).
-_GATHER_BLOCK = 1 << 22
+GATHER_BLOCK = 1 << 22
 
 
 # Per-row optimizer states a bank may hold beside the weight (all sharded like it): SGD's
@@ -248,7 +249,7 @@ class CenterBank:
         # Through a staging block in the source dtype: its size is a block, not the gather's.
         staging = staging or self._staging
         per_row = out[0].numel() if out.dim() > 1 and out.shape[0] else 1
-        step = max(1, _GATHER_BLOCK // max(per_row, 1))
+        step = max(1, GATHER_BLOCK // max(per_row, 1))
         for r0 in range(0, out.shape[0], step):
             r1 = min(out.shape[0], r0 + step)
             staged = staging.get("gather", (r1 - r0, *out.shape[1:]), src.dtype)

@@ -27,11 +27,10 @@ from pfc_ds.head.collectives import (
 from pfc_ds.head.host_bank import DiskBank, HostBank
 from pfc_ds.head.margin_softmax import margin_softmax_cross_entropy
 from pfc_ds.head.margins import CombinedMarginLoss
+from pfc_ds.head.names import BANKS
 from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
 from pfc_ds.head.workspace import Workspace
-
-BANKS = ("device", "host", "disk")
 
 _META_KEYS = ("num_classes", "world_size", "rank", "class_start", "num_local", "embedding_size")
 _STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
@@ -462,16 +461,18 @@ class PartialFC(torch.nn.Module):
         destination[prefix + "rounding_rng"] = self.bank.rounding.state()
         destination[prefix + "meta"] = self.meta()
 
+    def file_state(self) -> dict:
+        """``state_dict()`` with the row tensors a disk bank already keeps in files given as
+        ``FileRows``, so a checkpoint copies those files instead of reading the bank."""
+        return {**self.state_dict(), **self.bank.file_rows()}
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        """Load a shard written by the same sharding; anything else raises, never re-initialises.
-
-        ``rounding_rng`` is optional (shards written before it existed lack it).
-        """
+        """Load a shard written by the same sharding; anything else raises, never re-initialises."""
         state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         own = {k: v for k, v in state.items() if "." not in k}
-        missing = {"weight", "momentum", "rng", "meta"} - set(own)
+        missing = {"weight", "momentum", "rng", "rounding_rng", "meta"} - set(own)
         if missing:
             raise ValueError(f"head state_dict lacks key(s) {sorted(missing)}")
         unexpected_keys.extend(prefix + k for k in own if k not in _STATE_KEYS)
@@ -489,8 +490,7 @@ class PartialFC(torch.nn.Module):
             )
         self.bank.load(own["weight"], {k: own.get(k) for k in ROW_STATES})
         self.sampler.load_state(own["rng"])
-        if own.get("rounding_rng") is not None:
-            self.bank.rounding.load_state(own["rounding_rng"])
+        self.bank.rounding.load_state(own["rounding_rng"])
         self.clear_window()
 
 

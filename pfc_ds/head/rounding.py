@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from pfc_ds.head.seeds import from_bytes
-
 _M32 = 0xFFFFFFFF
 # Elements per pass on a CPU: large enough that the per-op overhead vanishes (measured on this
 # 2-core CPU: 0.57 ns/element at 2^20, 1.5 ns at 2^16), small beside any row block (4 MB of
@@ -172,7 +170,6 @@ class RoundingKey:
         return torch.tensor([self.seed, self.step], dtype=torch.int64)
 
     def load_state(self, state: torch.Tensor) -> None:
-        if state.dtype == torch.int64 and state.numel() == 2:
-            self.seed, self.step = (int(v) for v in state.tolist())
-        else:  # a torch.Generator state from an older checkpoint: derive a seed from it
-            self.seed, self.step = from_bytes(state.cpu().numpy().tobytes()), 0
+        if state.dtype != torch.int64 or state.numel() != 2:
+            raise ValueError(f"rounding state must be 2 int64 (seed, step), got {state}")
+        self.seed, self.step = (int(v) for v in state.tolist())

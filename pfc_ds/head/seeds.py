@@ -42,10 +42,3 @@ def backbone(seed: int, rank: int, step: int = 0) -> int:
 def draw(seed: int, counter: int) -> int:
     """The ``counter``-th draw of a ``StepRng`` stream."""
     return (seed * _STRIDE + counter * _RANK2 + 0x5EED) % (2**63)
-
-
-def from_bytes(data: bytes) -> int:
-    """A seed from an opaque state (an old checkpoint's ``torch.Generator`` state)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % (2**63)

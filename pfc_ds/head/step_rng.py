@@ -33,7 +33,6 @@ class StepRng:
         return torch.tensor([self.seed, self.counter], dtype=torch.int64)
 
     def load_state(self, state: torch.Tensor) -> None:
-        if state.dtype == torch.int64 and state.numel() == 2:
-            self.seed, self.counter = (int(v) for v in state.tolist())
-        else:  # a torch.Generator state from an older checkpoint: derive a seed from it
-            self.seed, self.counter = seeds.from_bytes(state.cpu().numpy().tobytes()), 0
+        if state.dtype != torch.int64 or state.numel() != 2:
+            raise ValueError(f"sampler RNG state must be 2 int64 (seed, counter), got {state}")
+        self.seed, self.counter = (int(v) for v in state.tolist())

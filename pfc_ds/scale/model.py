@@ -15,11 +15,11 @@ from functools import cache
 from pfc_ds.head import bank as _bank
 from pfc_ds.head import partial_fc as _partial_fc
 from pfc_ds.head.margin_softmax import chunk_size
+from pfc_ds.head.names import DTYPE_BYTES
 from pfc_ds.head.rounding import scratch_elements
 from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 MB = 2**20
 
 # RSS of a rank before its bank exists (torch, gloo and pfc_ds loaded), measured by the sweep's
@@ -86,10 +86,10 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
 
     # The optimizers work through blocks of rows (partial_fc.ROW_BLOCK_BYTES of fp32); an
     # offloaded bank reads the next block while one is updated (two buffers per tensor). A
-    # dtype-changing gather stages bank._GATHER_BLOCK elements at a time.
+    # dtype-changing gather stages bank.GATHER_BLOCK elements at a time.
     blk = min(s, max(1, _partial_fc.ROW_BLOCK_BYTES // (4 * d)))
     slots = 1 if h.bank == "device" else 2
-    staged = max(1, _bank._GATHER_BLOCK // d)
+    staged = max(1, _bank.GATHER_BLOCK // d)
     ws = s * d * 4  # "grad": dL/drows of the window (Window.grad_buffer)
     if not whole:
         ws += s * d * row  # "rows": the gathered rows (PartialFC.prefetch)

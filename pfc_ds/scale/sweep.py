@@ -49,33 +49,26 @@ def measure_head(point: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    import pfc_ds
+    from pfc_ds.train.build import make_head, make_head_optimizer
+    from pfc_ds.train.config import HeadConfig
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     rank = dist.get_rank()
     device = torch.device(point["device"])
     runtime = _peak_mb(device)
     dist.barrier()
     t0 = time.perf_counter()
-    head = pfc_ds.PartialFC(
-        pfc_ds.CombinedMarginLoss(64.0, 1.0, 0.0, 0.4),
-        point["embedding_size"],
-        point["ids"],
-        sample_rate=point["sample_rate"],
-        dtype=dtypes[point["dtype"]],
-        momentum_dtype=dtypes.get(point["momentum_dtype"]),
-        gemm_dtype=dtypes.get(point["gemm_dtype"]),
-        device=device,
-        seed=0,
-        even_batches=True,
-        chunk=point["chunk"],
-        bank=point.get("bank", "device"),
-        bank_path=point.get("bank_path"),
-    )
+    spec = HeadConfig(
+        margin=[1.0, 0.0, 0.4], scale=64.0, sample_rate=point["sample_rate"],
+        dtype=point["dtype"], momentum_dtype=point["momentum_dtype"],
+        gemm_dtype=point["gemm_dtype"] or "fp32", chunk=point["chunk"],
+        bank=point.get("bank", "device"), bank_path=point.get("bank_path"),
+    )  # fmt: skip
+    head = make_head(spec, embedding_size=point["embedding_size"], num_classes=point["ids"],
+                     seed=0, device=device)  # fmt: skip
     if point["optimizer"] == "sgd":
-        opt = pfc_ds.SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        opt = make_head_optimizer(head, "sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
     else:
-        opt = pfc_ds.SparseAdamW(head, lr=1e-3, weight_decay=0.05)
+        opt = make_head_optimizer(head, "adamw", {"lr": 1e-3, "weight_decay": 0.05})
     _sync(device)
     build_s = time.perf_counter() - t0
 

@@ -18,8 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pfc_ds.head.reshard import consolidate, reshard, shard_meta
-from pfc_ds.train.shard_files import (
+from pfc_ds.checkpoint.shard_files import (
     atomic_save,
     file_shard,
     find_shards,
@@ -27,6 +26,7 @@ from pfc_ds.train.shard_files import (
     save_shard,
     shard_name,
 )
+from pfc_ds.head.reshard import consolidate, shard_meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for rank in range(args.world_size):
-        # Rows go file to file, a row range at a time; older single-.pt shards through memory.
+        # Rows go file to file, a row range at a time: no shard is held in memory.
         shard = file_shard(paths, args.world_size, rank, seed=args.seed)
-        if shard is None:
-            shard = reshard(shards, args.world_size, seed=args.seed)[rank]
         save_shard(shard, out / shard_name(rank, args.world_size))
     print(f"wrote {args.world_size} shard(s) of {num_classes} classes x {emb} to {out}")
     return 0

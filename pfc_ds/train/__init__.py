@@ -12,10 +12,14 @@ __all__ = ["USER_ERRORS", "Config", "Trainer", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Trainer", "USER_ERRORS"):
-        from pfc_ds.train import loop
+    if name == "Trainer":
+        from pfc_ds.train.loop import Trainer
 
-        return getattr(loop, name)
+        return Trainer
+    if name == "USER_ERRORS":
+        from pfc_ds.train.errors import USER_ERRORS
+
+        return USER_ERRORS
     if name in ("Config", "load_config"):
         from pfc_ds.train import config
 

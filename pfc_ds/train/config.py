@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from pfc_ds.head.names import BANKS
+from pfc_ds.head.names import DTYPES as _HEAD_DTYPES
+
 DATA_SOURCES = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = tuple(_HEAD_DTYPES)
 SAVE_FAILURES = ("error", "warn")
 ON_DIVERGENCE = ("stop", "rollback")
 MAX_CONSECUTIVE_SKIPS = 50
@@ -186,7 +189,7 @@ class Config:
         _choice("head.momentum_dtype", self.head.momentum_dtype, (None, *DTYPES))
         _choice("head.gemm_dtype", self.head.gemm_dtype, GEMM_DTYPES)
         _choice("head.optimizer", self.head.optimizer, (None, *OPTIMIZERS))
-        _choice("head.bank", self.head.bank, ("device", "host", "disk"))
+        _choice("head.bank", self.head.bank, BANKS)
         if self.head.bank == "disk" and not self.head.bank_path:
             raise ConfigError("head.bank: disk needs head.bank_path (a folder for its files)")
         if len(self.head.margin) != 3:

@@ -20,6 +20,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("pfc_ds.train")
@@ -97,6 +98,22 @@ def _init_under_torchelastic(timeout: timedelta | None) -> None:
         timeout=timeout,
         **kwargs,
     )
+
+
+def control_group(timeout_s: float):
+    """The group for host-side agreement (stop requests, file lists, checks): the default group
+    under gloo, a gloo side group next to NCCL, so it never waits for the GPU's queued work."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def compute_device() -> torch.device:
+    """This rank's device, as DeepSpeed's engine will pick it (``cuda:LOCAL_RANK`` or cpu), so
+    the data can be built before the engine."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def c10d_default_timeout() -> timedelta:

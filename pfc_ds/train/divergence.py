@@ -24,6 +24,10 @@ class DivergenceError(FloatingPointError):
     checkpoint."""
 
 
+class Rollback(Exception):
+    """Raised inside the loop to reload the last good checkpoint (``train.on_divergence``)."""
+
+
 class ScaleGuard:
     """Consecutive fp16 skips and the loss-scale history of the steps that ran."""
 
@@ -32,6 +36,13 @@ class ScaleGuard:
         self.min_scale = min_scale  # None: a static scale, which never backs off
         self.skips = 0
         self.history: deque[tuple[int, float]] = deque(maxlen=16)  # (first step, scale)
+
+    @classmethod
+    def for_engine(cls, ds: dict, max_skips: int) -> ScaleGuard:
+        """The guard of a DeepSpeed config: a minimum scale only under dynamic fp16 scaling."""
+        fp16 = ds.get("fp16", {})
+        dynamic = fp16.get("enabled") and not fp16.get("loss_scale", 0)
+        return cls(max_skips, fp16.get("min_loss_scale", 1) if dynamic else None)
 
     def record(self, step: int, applied: bool, scale: float | None) -> str | None:
         """Note step ``step`` (run at ``scale``); the reason it diverged, or ``None``."""
@@ -80,3 +91,27 @@ def nonfinite_weights(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
+
+
+def decide(message: str, on_divergence: str, target, why: str | None) -> None:
+    """Training diverged (``message``): raise ``Rollback`` to roll back to ``target`` (the
+    checkpointer's rollback target, ``why`` it has none) or ``DivergenceError`` to stop."""
+    if on_divergence != "rollback":
+        raise DivergenceError(
+            f"{message} (resume it with --resume at a lower optim.lr, or set "
+            "train.on_divergence: rollback)"
+        )
+    if target is None:
+        raise DivergenceError(f"{message} ({why}; stopping)")
+    raise Rollback(message)
+
+
+def nonfinite_model(engine, head) -> bool:
+    """Any NaN/inf in the backbone or the head's rows, on any rank (one sync). The head's bank
+    keeps a flag of the values written to it, so its rows (maybe a disk bank's every page) are
+    not read; under ZeRO-3 each rank checks its partition."""
+    tensors = []
+    for p in engine.module.parameters():
+        part = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+        tensors.append(p if part is None else part)
+    return nonfinite_weights(tensors, engine.device, finite_flags=[head.bank.all_finite()])

@@ -36,7 +36,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -389,10 +388,3 @@ def ds_config_summary(ds: dict) -> str:
     )
     off = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return f"ZeRO-{zero} {prec} offload={off} clip={ds.get('gradient_clipping', _CLIP_DEFAULT)}"
-
-
-def resolve_path(p: str | None, base: Path) -> str | None:
-    if p is None:
-        return None
-    path = Path(p)
-    return str(path if path.is_absolute() or path.exists() else base / path)

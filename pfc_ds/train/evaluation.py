@@ -69,8 +69,10 @@ class Evaluator:
                 self.sets.append(load_bin(path, cfg.data.image_size))
             except (BinError, OSError) as exc:
                 raise ConfigError(f"eval.sets: {exc}") from exc
+        self.rank = rank
         self.best: dict[str, float] = {}
         self.best_mean = -1.0
+        self.history: list[dict[str, Any]] = []  # every evaluation's metrics
 
     def __bool__(self) -> bool:
         return bool(self.sets)
@@ -95,6 +97,17 @@ class Evaluator:
                 emb = local
             results[s.name] = evaluate(emb.astype(np.float64), s.issame)
         return results
+
+    def evaluate(self, engine, step: int, logger) -> bool:
+        """Score (collective), log to ``metrics.jsonl`` and, on rank 0, one line; whether the
+        mean accuracy is a new best."""
+        results = self.run(engine)
+        metrics, improved = self.record(step, results)
+        self.history.append(metrics)
+        logger.write(metrics, tensorboard_prefix="")
+        if self.rank == 0:
+            print(format_results(step, results), file=logger.stream, flush=True)
+        return improved
 
     def record(self, step: int, results: dict[str, VerificationResult]) -> tuple[dict, bool]:
         """Metrics (``eval/<set>/<field>``, best so far) and whether the mean accuracy is a

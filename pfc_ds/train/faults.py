@@ -10,8 +10,8 @@ Faults are ``kind:key=value,...`` separated by ``;``::
     nan:step=4,count=3               steps 4-6 get NaN images (every rank unless ``rank``)
     head_inf:step=30,rank=0          row 0 of the head's row gradient becomes inf at step 30,
                                      after the head's backward (the backbone's stays finite)
-    enospc:file=head_shard           writing a checkpoint file whose name holds ``head_shard``
-                                     fails with ENOSPC
+    enospc:file=head_shard,step=4    writing a checkpoint file whose name holds ``head_shard``
+                                     (of step 4; any step if no step) fails with ENOSPC
 
 A fault fires only in launch attempt ``attempt`` (default 0, matched against torchrun's
 ``TORCHELASTIC_RESTART_COUNT``), and a step's fault at most once per process, so a restarted or
@@ -110,9 +110,11 @@ class Faults:
                 return True
         return False
 
-    def before_file(self, path: Path) -> None:
+    def before_file(self, path: Path, step: int) -> None:
         for kind, p in self.faults:
-            if kind == "enospc" and p.get("file", "") in path.name:
+            if kind != "enospc" or int(p.get("step", step)) != step:
+                continue
+            if p.get("file", "") in path.name:
                 self._say(f"ENOSPC writing {path.name}")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 

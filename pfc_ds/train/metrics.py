@@ -155,3 +155,25 @@ def _tensorboard_writer(path: Path):
         log.warning("train.tensorboard is on but TensorBoard is not installed (%s); skipping", exc)
         return None
     return SummaryWriter(str(path))
+
+
+def memory_extra(device) -> dict[str, float]:
+    """The peak device memory so far, on a GPU (a ``metrics.jsonl`` field)."""
+    import torch
+
+    if device.type == "cuda":
+        return {"max_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    return {}
+
+
+def startup_text(
+    cfg, world_size: int, total_steps: int, engine_summary: str, num_classes: int
+) -> str:
+    """The run in one line, logged once at start-up."""
+    t = cfg.train
+    return (
+        f"{cfg.model.backbone}, {world_size} rank(s) x batch {t.batch_size} x accum "
+        f"{t.grad_accum} = {world_size * t.batch_size * t.grad_accum} img/step, {total_steps} "
+        f"steps, {engine_summary}, head {num_classes} classes x {cfg.model.embedding_size} "
+        f"(r={cfg.head.sample_rate:g})"
+    )

@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -107,6 +107,23 @@ def describe(
         "checkpoint (train.auto_resume: true under torchrun --max-restarts does it by itself)",
         report=report,
     )
+
+
+@contextlib.contextmanager
+def translated(where: Callable[[], str], timeout_s: float) -> Iterator[None]:
+    """Re-raise a collective that failed for a dead or hung peer as ``PeerFailure``, naming
+    ``where()`` (what ran then: ``"in step 12"``)."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, PeerFailure) or not is_peer_failure(exc):
+            raise
+        raise describe(where(), str(exc), timeout_s, report_wait_s(timeout_s)) from exc
+
+
+def report_wait_s(timeout_s: float) -> float:
+    """How long a survivor waits for the other survivors to report before naming the rest."""
+    return min(5.0, max(1.0, timeout_s / 4))
 
 
 class Watchdog:

@@ -15,6 +15,7 @@ collective or a large write would not get there, so a thread reads the signal nu
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("pfc_ds.train")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -104,3 +107,10 @@ class StopRequest:
         flag = torch.tensor([0 if self.signal_name is None else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item() > 0)
+
+    def announce(self, saved: bool, step: int, rank: int) -> None:
+        """The stop's log line: from the signalled ranks, and rank 0."""
+        if self.signal_name is not None or rank == 0:
+            why = self.signal_name or "a signal to another rank"
+            log.warning("%s: %s step %d, stopping", why, "saved" if saved else "could not save",
+                        step)  # fmt: skip

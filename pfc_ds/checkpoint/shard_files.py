@@ -3,9 +3,8 @@
 A shard is a small ``head_shard_R_of_W.pt`` (RNG states, meta) plus one raw file per row tensor
 (``head_shard_R_of_W.pt.weight.bin``, ``.momentum.bin``, ...). The rows stream to disk in
 chunks through one reused (pinned, on a GPU) buffer, so a save never holds a host copy of the
-bank, and a load memory-maps them, so a reshard reads only the rows it needs. Shards written
-as one ``.pt`` by earlier versions still load. Shared by the trainer's checkpoints and the
-offline ``python -m pfc_ds.tools.reshard``.
+bank, and a load memory-maps them, so a reshard reads only the rows it needs. Shared by the
+trainer's checkpoints and the offline ``python -m pfc_ds.tools.reshard``.
 """
 
 from __future__ import annotations
@@ -125,11 +124,10 @@ def load_shard(path: str | os.PathLike) -> dict:
     return state
 
 
-def file_shard(paths: list[Path], dst_world: int, dst_rank: int, *, seed: int) -> dict | None:
+def file_shard(paths: list[Path], dst_world: int, dst_rank: int, *, seed: int) -> dict:
     """``dst_rank``'s shard of a ``dst_world`` split with its rows left in the source files
     (``FileRows``): loading it reads a chunk at a time, or copies file to file into a disk
-    bank, and saving it copies row ranges, so a reshard never holds a shard in memory.
-    ``None`` for shards of the single-``.pt`` format (use ``reshard_shard`` on ``load_shard``)."""
+    bank, and saving it copies row ranges, so a reshard never holds a shard in memory."""
     first = None
     meta = torch.load(paths[0], map_location="cpu", mmap=True, weights_only=True)["meta"]
     num_classes, emb = meta["num_classes"], meta["embedding_size"]
@@ -142,7 +140,7 @@ def file_shard(paths: list[Path], dst_world: int, dst_rank: int, *, seed: int) -
         for key in ROW_KEYS:
             ref = small.get(key)
             if isinstance(ref, torch.Tensor):
-                return None  # rows inside the .pt
+                raise ValueError(f"{paths[src]}: {key} rows inside the .pt, not in a raw file")
             if ref is None:
                 continue
             raw = paths[src].with_name(ref[RAW_KEY])

@@ -57,14 +57,20 @@ def ds_config(stage: int, precision: str = "fp32", **extra: Any) -> dict[str, An
     return ds
 
 
-def make_trainer(cfg: dict, ds: dict, output: str | Path, *, resume: bool = False):
+def make_trainer(cfg: dict, ds: dict, output: str | Path, *, resume: bool = False, **kw):
+    """A built ``Trainer`` (``kw``: its other keyword arguments, e.g. ``faults``)."""
     import io
 
     from pfc_ds.train.config import Config
     from pfc_ds.train.loop import Trainer
 
     return Trainer(
-        Config.from_dict(cfg), ds_config=ds, output=output, resume=resume, stream=io.StringIO()
+        Config.from_dict(cfg),
+        ds_config=ds,
+        output=output,
+        resume=resume,
+        stream=io.StringIO(),
+        **kw,
     )
 
 
