@@ -1,4 +1,5 @@
-"""DALI data pipelines for Partial FC training: insightface RecordIO and image folders.
+"""Data pipelines for Partial FC training: insightface RecordIO and image folders, decoded by
+DALI (the default) or by nvImageCodec without DALI (``data.decoder: nvimgcodec``).
 
 The trainer uses one seam: ``build_loader(cfg, batch_size=, rank=, world_size=, device=)`` with
 ``cfg = DataConfig.from_dict(yaml["data"])``. This package knows nothing of the trainer.

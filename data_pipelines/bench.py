@@ -2,8 +2,10 @@
 
 Measures, in one run and interleaved (so load from other work on a shared machine hits every
 row alike), img/s of: our DALI loader (CPU decode + crop_mirror_normalize) with the ``native``
-and the ``external`` reader, and a torch DataLoader + Pillow with 2 workers over the same
-``.rec``. DALI's ``mixed`` (GPU) decode runs only when ``GetCUDADeviceCount() > 0``.
+and the ``external`` reader, the ``decoder: nvimgcodec`` loader (nvImageCodec CPU decode, torch
+mirror and normalise, same sample order as ``external``), and a torch DataLoader + Pillow with 2
+workers over the same ``.rec``. DALI's ``mixed`` (GPU) decode runs only when
+``GetCUDADeviceCount() > 0``, nvImageCodec's GPU decode only when torch sees a CUDA device.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from PIL import Image
 from .build import build_loader
 from .config import DataConfig
 from .dali import gpu_count
+from .imgcodec import load as load_nvimgcodec
 from .scan import scan_rec
+from .sources import DataError
 from .synth import generate
 
 BEGIN, END = "<!-- BEGIN data -->", "<!-- END data -->"
@@ -88,10 +92,14 @@ def machine() -> str:
     import nvidia.dali
     import PIL
 
+    try:
+        codec = f"nvImageCodec {load_nvimgcodec(gpu=False).__version__}, "
+    except DataError:
+        codec = ""
     return (
         f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, "
         f"{f'{gpu_count()} GPU(s)' if gpu_count() else 'no GPU'}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, Pillow {PIL.__version__}, "
+        f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, {codec}Pillow {PIL.__version__}, "
         f"numpy {np.__version__}"
     )
 
@@ -112,6 +120,13 @@ def run(args: argparse.Namespace, prefix: str) -> dict[str, list[float]]:
         loaders[f"dali_{reader}"] = build_loader(
             cfg, batch_size=args.batch_size, rank=0, world_size=1, device="cpu"
         )
+    codec = DataConfig(path=prefix, decoder="nvimgcodec", num_threads=args.threads, cache_dir=None)
+    try:
+        loaders["nvimgcodec"] = build_loader(
+            codec, batch_size=args.batch_size, rank=0, world_size=1, device="cpu"
+        )
+    except DataError as exc:  # the package is missing: the row says so
+        print(f"nvimgcodec row not run: {exc}", file=sys.stderr)
     torch_loader = torch.utils.data.DataLoader(
         PillowRec(prefix),
         batch_size=args.batch_size,
@@ -127,6 +142,11 @@ def run(args: argparse.Namespace, prefix: str) -> dict[str, list[float]]:
         cfg = DataConfig(path=prefix, num_threads=args.threads, cache_dir=None)
         gpu = build_loader(cfg, batch_size=args.batch_size, rank=0, world_size=1, device="cuda")
         runs["dali_mixed"] = lambda: _drain(gpu)
+    if torch.cuda.is_available() and "nvimgcodec" in loaders:
+        gpu_codec = build_loader(
+            codec, batch_size=args.batch_size, rank=0, world_size=1, device="cuda"
+        )
+        runs["nvimgcodec_gpu"] = lambda: _drain(gpu_codec)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
         fn()  # warm-up: pipeline build, worker start, page cache
@@ -153,23 +173,23 @@ def table(rates: dict[str, list[float]], args: argparse.Namespace, n: int, kb: f
             "dali_external",
             "DALI CPU decode + normalize, `reader: external` (exact global shuffle, default)",
         ),
+        (
+            "nvimgcodec",
+            "nvImageCodec CPU decode + torch mirror/normalize, `decoder: nvimgcodec` (external order, no DALI)",
+        ),
         ("torch", f"torch DataLoader + Pillow, {args.workers} workers"),
+        ("dali_mixed", "DALI `mixed` (GPU nvJPEG) decode + normalize, fp16"),
+        ("nvimgcodec_gpu", "nvImageCodec GPU (nvJPEG) decode + torch mirror/normalize, fp16"),
     ]
     lines = ["| pipeline | img/s (median) | range | vs DataLoader |", "|---|---|---|---|"]
     for key, label in rows:
+        if key not in med:
+            why = "no GPU in this session" if key.endswith(("mixed", "gpu")) else "not installed"
+            lines.append(f"| {label} | not run: {why} | – | – |")
+            continue
         lo, hi = min(rates[key]), max(rates[key])
         lines.append(
             f"| {label} | {med[key]:,.0f} | {lo:,.0f}–{hi:,.0f} | {med[key] / base:.2f}× |"
-        )
-    if "dali_mixed" in med:
-        lo, hi = min(rates["dali_mixed"]), max(rates["dali_mixed"])
-        lines.append(
-            f"| DALI `mixed` (GPU nvJPEG) decode + normalize, fp16 | {med['dali_mixed']:,.0f} | {lo:,.0f}–{hi:,.0f} "
-            f"| {med['dali_mixed'] / base:.2f}× |"
-        )
-    else:
-        lines.append(
-            "| DALI `mixed` (GPU nvJPEG) decode + normalize, fp16 | not run: no GPU in this session | – | – |"
         )
     best = max(med["dali_native"], med["dali_external"]) / base
     worst = min(med["dali_native"], med["dali_external"]) / base

@@ -14,6 +14,7 @@ from .insightface import IMAGE_SIZE
 
 SOURCES = ("rec", "folder")
 READERS = ("external", "native")
+DECODERS = ("dali", "nvimgcodec")
 LAST_BATCH = ("drop", "pad")
 # insightface arcface_torch ``dali_aug`` probabilities (recognition/arcface_torch/dataset.py).
 INSIGHTFACE_AUG = {"downscale": 0.1, "blur": 0.2, "hsv": 0.1, "gray": 0.1}
@@ -33,12 +34,18 @@ class DataConfig:
     aligned 112x112 faces: a data set whose ``property`` says another size or ``mixed`` is
     refused at start-up, and a batch of mismatched sizes raises ``DataError``, both asking for
     ``data.resize: true``.
+
+    ``decoder``: ``dali`` (the default) decodes and augments in a DALI graph; ``nvimgcodec``
+    decodes with NVIDIA nvImageCodec (on the GPU where the loader's device is CUDA) and augments
+    with torch ops, for machines without a matching DALI build. Same samples, parameters and
+    state either way; only the ``external`` reader, since ``native`` is DALI's own reader.
     """
 
     source: str = "rec"  # rec | folder
     path: str | None = None  # .rec prefix (or x.rec) / folder of identity folders
     num_classes: int | None = None  # None: from `property`, the header, or folder count
     reader: str = "external"  # external: exact global shuffle; native: fn.readers.*
+    decoder: str = "dali"  # dali: DALI graph (`mixed` on a GPU); nvimgcodec: without DALI
     last_batch: str = "drop"  # drop | pad (pad repeats real samples, see Loader.valid)
     shuffle: bool = True
     shuffle_buffer: int | None = None  # native only: DALI initial_fill (default 16384)
@@ -48,13 +55,14 @@ class DataConfig:
     mirror: float = 0.5  # horizontal flip probability
     resize: bool = False  # resize decoded images to image_size (images not all 112x112)
     image_size: int = 112  # output side; not 112: decoded images are resized to it
-    num_threads: int = 4  # DALI CPU threads per rank
-    prefetch: int = 2  # DALI prefetch queue depth
+    num_threads: int = 4  # decoder CPU threads per rank (DALI's, or nvImageCodec's)
+    prefetch: int = 2  # batches decoded ahead (DALI's queue, or the nvimgcodec thread's)
     cache_dir: str | None = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
         _one_of("source", self.source, SOURCES)
         _one_of("reader", self.reader, READERS)
+        _one_of("decoder", self.decoder, DECODERS)
         _one_of("last_batch", self.last_batch, LAST_BATCH)
         for name in ("shuffle", "skip_corrupt", "resize"):
             _bool(name, getattr(self, name))
@@ -69,6 +77,11 @@ class DataConfig:
         self.dali_aug = _aug(self.dali_aug)
         if not self.path:
             raise ValueError(f"data.path is required for data.source {self.source!r}")
+        if self.decoder == "nvimgcodec" and self.reader != "external":
+            raise ValueError(
+                "data.decoder 'nvimgcodec' needs data.reader 'external' "
+                "(the 'native' reader is DALI's own C++ reader)"
+            )
         if self.reader != "native":
             for name in ("shuffle_buffer", "stick_to_shard"):
                 if getattr(self, name) is not None:

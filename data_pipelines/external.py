@@ -15,10 +15,17 @@ from typing import Any
 import torch
 
 from .config import DataConfig
+from .dali import start_pipeline, to_torch
 from .feeder import Feeder
 from .jpeg import decode_error, image_size
-from .loader import Loader, start_pipeline, to_torch
-from .sources import DataError, FolderDataset, RecDataset, mismatch_message
+from .loader import Loader
+from .sources import (
+    DataError,
+    FolderDataset,
+    RecDataset,
+    mismatch_message,
+    undecodable_message,
+)
 
 
 class ExternalLoader(Loader):
@@ -79,11 +86,7 @@ class ExternalLoader(Loader):
                         odd.append(f"{self.dataset.describe(i)} is {width}x{height}")
         where = f"epoch {self.epoch} step {step}"
         if bad:
-            return (
-                f"{self.dataset.path}: undecodable image(s) at {where}:\n"
-                + "\n".join(sorted(set(bad)))
-                + f"\nFind all with `python -m data_pipelines.check {self.dataset.path} --full`."
-            )
+            return undecodable_message(self.dataset.path, where, bad)
         if odd:
             return mismatch_message(self.dataset.path, where, odd[0], side)
         return f"{self.dataset.path}: DALI failed on {where}; see the chained error"

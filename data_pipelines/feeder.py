@@ -10,27 +10,62 @@ epoch ``e + 1`` from its start, so one decoder pipeline serves every epoch (buil
 pipeline per epoch cost a rebuild and a cold nvJPEG each time). Each item is one batch:
 ``(jpegs, labels, *augmentation params)``, the params drawn from the batch's key exactly as
 before, so the stream is the same whoever reads it and whenever.
+
+DALI takes that item as its external-source outputs. A decoder that is not DALI passes
+``prepare``, which turns each ``Batch`` into what the consumer wants on the same thread (the
+``nvimgcodec`` loader decodes and augments there), so the training thread only takes results.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .augment import draw_params
+from .params import draw_params
 from .sampler import ShardPlan
+
+_LIVE: weakref.WeakSet[Feeder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop running feeders before the interpreter tears down: a daemon thread still inside a
+    C++ decoder at exit aborts the process ("terminate called without an active exception")."""
+    for feeder in list(_LIVE):
+        feeder.close()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step of the stream: where it is, which samples, their bytes, labels and params."""
+
+    epoch: int
+    start: int  # the epoch segment's first global position (a resume point, or 0)
+    step: int  # steps after ``start``
+    indices: np.ndarray  # (B,) sample ids
+    jpegs: list[Any]
+    labels: np.ndarray
+    params: list[np.ndarray]  # one (B,) array per ``active_params`` name
+
+    def dali_inputs(self) -> list[Any]:
+        """What DALI's external source takes: ``(jpegs, labels, *params)``."""
+        return [self.jpegs, self.labels, *self.params]
 
 
 class Feeder:
     """Batches of ``plan``'s sample stream from ``(epoch, start)`` on, read ``depth`` ahead.
 
-    ``read(i)`` returns sample ``i``'s encoded bytes and ``labels[i]`` its label. Errors on the
-    thread come out of ``take()``.
+    ``read(i)`` returns sample ``i``'s encoded bytes and ``labels[i]`` its label. Each queued
+    item is ``prepare(batch)`` (default: ``batch.dali_inputs()``). Errors on the thread, from
+    ``prepare`` too, come out of ``take()``.
     """
 
     def __init__(
@@ -43,25 +78,28 @@ class Feeder:
         start: int,
         seed: int,
         aug: dict[str, float],
-        mirror: bool,
+        mirror: float,
         depth: int,
+        prepare: Callable[[Batch], Any] = Batch.dali_inputs,
     ) -> None:
-        self.plan, self.read, self.labels = plan, read, labels
+        self.plan, self.read, self.labels, self.prepare = plan, read, labels, prepare
         self.seed, self.aug, self.mirror = seed, aug, mirror
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(epoch, start), name="pfc-feeder", daemon=True
         )
+        _LIVE.add(self)
         self._thread.start()
 
-    def _batches(self, epoch: int, start: int):
+    def _batches(self, epoch: int, start: int) -> Iterator[Any]:
         while True:
             indices, _ = self.plan.rank_batches(epoch, start)
             for k, idx in enumerate(indices):
                 key = [self.seed, epoch, self.plan.first_position(start, k)]
                 params = draw_params(key, self.plan.batch_size, self.aug, self.mirror)
-                yield [[self.read(i) for i in idx], self.labels[idx], *params]
+                jpegs = [self.read(i) for i in idx]
+                yield self.prepare(Batch(epoch, start, k, idx, jpegs, self.labels[idx], params))
             epoch, start = epoch + 1, 0
 
     def _run(self, epoch: int, start: int) -> None:

@@ -4,20 +4,18 @@ Labels leave as ``int64`` of shape (B,) -- float labels gave insightface users a
 69.08 (#1437). Every rank runs ``len(loader)`` steps per epoch so the Partial FC all-gather never
 waits on a rank that ran out (#2015). State is (epoch, global sample position), identical on all
 ranks, so a checkpoint from rank 0 resumes every rank.
+
+Free of DALI: the ``nvimgcodec`` decoder's loader runs where DALI is not installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .config import DataConfig
-from .dali import build_pipeline
 from .sampler import ShardPlan
 
 
@@ -162,43 +160,3 @@ def ceil_div(a: int, b: int) -> int:
 def mix_seed(*parts: int) -> int:
     """A DALI seed (31 bits) mixed from several integers."""
     return int(np.random.default_rng(list(parts)).integers(0, 2**31 - 1))
-
-
-def start_pipeline(
-    loader: Loader, *, feed: Callable[[], list[Any]], reader: dict[str, Any] | None
-) -> Pipeline:
-    """A started pipeline for this loader's epoch (seeded per seed, epoch and rank)."""
-    cfg = loader.cfg
-    use_gpu = loader.device.type == "cuda"
-    device_id = (
-        (loader.device.index if loader.device.index is not None else torch.cuda.current_device())
-        if use_gpu
-        else None
-    )
-    pipe = build_pipeline(
-        feed=feed,
-        reader=reader,
-        batch_size=loader.batch_size,
-        num_threads=cfg.num_threads,
-        device_id=device_id,
-        prefetch=cfg.prefetch,
-        seed=mix_seed(loader.seed, loader.epoch, loader.rank),
-        probs=cfg.dali_aug,
-        resize=cfg.resize,
-        image_size=cfg.image_size,
-    )
-    pipe.build()
-    return pipe
-
-
-def to_torch(images: Any, labels: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy DALI outputs into torch tensors on ``device``; labels become int64 (B,)."""
-    dense = images.as_tensor()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
-    lab = np.asarray(labels.as_tensor()).reshape(len(labels), -1)[:, 0]
-    if lab.dtype.kind == "f":  # mxnet reader yields float32; values were checked integral
-        lab = np.rint(lab)
-    return out, torch.from_numpy(lab.astype(np.int64)).to(device, non_blocking=True)

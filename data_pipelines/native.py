@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import draw_params
 from .config import DataConfig
-from .loader import Loader, ceil_div, mix_seed, start_pipeline, to_torch
+from .dali import start_pipeline, to_torch
+from .loader import Loader, ceil_div, mix_seed
+from .params import draw_params
 from .sources import DataError, FolderDataset, RecDataset, mismatch_message
 
 _DEFAULT_SHUFFLE_BUFFER = 16384

@@ -199,6 +199,15 @@ def mismatch_message(path: str, where: str, example: str, image_size: int) -> st
     )
 
 
+def undecodable_message(path: str, where: str, lines: list[str]) -> str:
+    """The samples a decoder could not decode (``lines``: ``"  <record>: <why>"``)."""
+    return (
+        f"{path}: undecodable image(s) at {where}:\n"
+        + "\n".join(sorted(set(lines)))
+        + f"\nFind all with `python -m data_pipelines.check {path} --full`."
+    )
+
+
 def open_dataset(cfg: DataConfig) -> RecDataset | FolderDataset:
     """Open and validate ``cfg.path``; raises ``DataError`` naming keys/offsets/files."""
     if cfg.source == "rec":

@@ -125,6 +125,8 @@ def test_bench_rewrites_only_its_section(tmp_path: Path) -> None:
     )
     section = text.split("<!-- BEGIN data -->")[1].split("<!-- END data -->")[0]
     assert "old" not in section and "| torch DataLoader + Pillow, 2 workers |" in section
+    codec = next(line for line in section.splitlines() if "`decoder: nvimgcodec`" in line)
+    assert float(codec.split("|")[2].replace(",", "")) > 0  # the third decoder's row, measured
     assert "not run: no GPU in this session" in section or "GPU(s)" in section
 
 
