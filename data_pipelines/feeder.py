@@ -29,15 +29,15 @@ from .sampler import ShardPlan
 class Feeder:
     """Batches of ``plan``'s sample stream from ``(epoch, start)`` on, read ``depth`` ahead.
 
-    ``read(i)`` returns sample ``i``'s encoded bytes and ``labels[i]`` its label. Errors on the
-    thread come out of ``take()``.
+    ``read_batch(indices)`` returns the samples' encoded bytes and their labels (a source may
+    put another sample in a bad one's place, with that sample's label). Errors on the thread
+    come out of ``take()``.
     """
 
     def __init__(
         self,
         plan: ShardPlan,
-        read: Callable[[int], Any],
-        labels: np.ndarray,
+        read_batch: Callable[[np.ndarray], tuple[list[Any], np.ndarray]],
         *,
         epoch: int,
         start: int,
@@ -46,7 +46,7 @@ class Feeder:
         mirror: bool,
         depth: int,
     ) -> None:
-        self.plan, self.read, self.labels = plan, read, labels
+        self.plan, self.read_batch = plan, read_batch
         self.seed, self.aug, self.mirror = seed, aug, mirror
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
@@ -61,7 +61,8 @@ class Feeder:
             for k, idx in enumerate(indices):
                 key = [self.seed, epoch, self.plan.first_position(start, k)]
                 params = draw_params(key, self.plan.batch_size, self.aug, self.mirror)
-                yield [[self.read(i) for i in idx], self.labels[idx], *params]
+                jpegs, labels = self.read_batch(idx)
+                yield [jpegs, labels, *params]
             epoch, start = epoch + 1, 0
 
     def _run(self, epoch: int, start: int) -> None:
