@@ -398,6 +398,11 @@ class FileMap:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
         self.array = np.frombuffer(self._mm, np.uint8) if self._mm else np.zeros(0, np.uint8)
 
+    def advise(self, advice: int) -> None:
+        """``madvise`` the whole map (``mmap.MADV_RANDOM``: fault in single pages)."""
+        if self._mm is not None:
+            self._mm.madvise(advice)
+
     def release(self, lo: int = 0, hi: int | None = None) -> None:
         """Drop this process's mapping of the pages covering bytes ``[lo, hi)``."""
         if self._mm is None:
