@@ -219,14 +219,14 @@ def table(rates: dict[str, list[float]], args: argparse.Namespace, n: int, kb: f
     )
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace only the text between the data markers of ``path``."""
+def write_section(path: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace only the text between the ``begin`` and ``end`` markers (data's) of ``path``."""
     text = path.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{path}: expected one {BEGIN} ... {END} pair")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path}: expected one {begin} ... {end} pair")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:

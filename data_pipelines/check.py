@@ -6,7 +6,13 @@ record key and byte offset: bad magic, truncated records, non-integer labels, la
 declared class count, JPEGs that do not decode (a sample, or all with ``--full``). A badly cut
 file has a problem per record, so only the first 20 are listed unless ``--all``. Exits 1 on
 any problem, so it can gate a launch script, and 2 with one ``error:`` line when PATH cannot be
-read at all (a missing ``.idx``: rebuild it with ``python -m data_pipelines.index``).
+read at all (a missing ``.idx``: rebuild it with ``python -m data_pipelines.index``), or when an
+insightface file's header, identity records and ``.idx`` disagree.
+
+Without ``--full`` an insightface file's labels come from its identity records (``layout.py``)
+and only the sampled image records are read; ``--full`` reads every record's header (``scan``)
+and decodes every image. Either way the index is built in a temporary folder in chunks and
+decoded in chunks, so memory stays bounded (about 1 GB at 42M records).
 """
 
 from __future__ import annotations
@@ -14,35 +20,49 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from . import recordio
+from .cache import build_table
 from .folder import scan_folder
 from .insightface import IMAGE_SIZE, split_prefix
 from .jpeg import decode_error, image_size
 from .pool import mapper
-from .scan import Problem, check_label_range, scan_rec
+from .recordio import BadRecord
+from .scan import Problem, check_label_range, property_classes, require_files
+from .table import open_table
 
 _CHUNK = 256
+_FULL_CHUNK = 4096  # images per decode task with --full
 _SHOWN = 20  # problems listed without --all
 
 
 def _decode_rec_chunk(
-    args: tuple[str, list[tuple[int, int, int, int]]],
-) -> list[tuple[int, str | None, tuple]]:
-    """Decode (i, image start, image length, record offset) items of one ``.rec``."""
-    rec_path, items = args
+    args: tuple[str, str, np.ndarray],
+) -> tuple[int, list[tuple[int, str, str]], int, str | None]:
+    """Decode images ``indices`` of the table in ``table_dir``: (decoded, [(i, kind, why)] of
+    the failures, count of images not 112x112, the first of them)."""
+    rec_path, table_dir, indices = args
+    scan = open_table(table_dir, rec_path)
+    assert scan is not None
     mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
-    out = []
-    for i, start, length, offset in items:
-        if start >= 0:
-            data = mm[start : start + length]
-        else:
-            data = recordio.unpack_payload(recordio.read_at(mm, offset)[0])[2]
-        out.append(_decode_one(i, data))
-    return out
+    failures, odd, first_odd = [], 0, None
+    for i in indices.tolist():
+        try:
+            data = scan.image_bytes(mm, i)
+        except BadRecord as exc:
+            failures.append((i, exc.kind, exc.detail))
+            continue
+        _, why, size = _decode_one(i, data)
+        if why is not None:
+            failures.append((i, "decode", why))
+        elif size != (IMAGE_SIZE, IMAGE_SIZE):
+            odd += 1
+            first_odd = first_odd or f"key={int(scan.keys[i])} is {size[0]}x{size[1]}"
+    return len(indices), failures, odd, first_odd
 
 
 def _decode_file_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str | None, tuple]]:
@@ -83,31 +103,52 @@ def check_rec(
     path: str, *, full: bool, sample: int, num_classes: int | None, workers: int, seed: int
 ):
     """(summary fields, problems, warnings) of a ``.rec``."""
-    scan = scan_rec(path, progress=True)
-    problems = list(scan.problems)
-    classes = num_classes or scan.declared_classes
-    if classes is not None:
-        problems += check_label_range(scan.labels, scan.keys, scan.offsets, classes)
-    picked = _pick(scan.num_images, full, sample, seed)
-    items = [
-        (int(i), int(scan.image_start[i]), int(scan.image_len[i]), int(scan.offsets[i]))
-        for i in picked
-    ]
-    chunks = [(scan.rec_path, items[j : j + _CHUNK]) for j in range(0, len(items), _CHUNK)]
-    decoded = _decode_all(_decode_rec_chunk, chunks, len(items), workers)
-    warnings = []
-    if scan.header_range is not None and scan.header_range[1] != scan.num_records:
-        warnings.append(
-            f"header promises {scan.header_range[1]} records; the index lists {scan.num_records}"
-        )
-    odd = []
-    for i, why, size in decoded:
-        if why is not None:
-            problems.append(Problem("decode", int(scan.keys[i]), int(scan.offsets[i]), why))
-        elif size != (IMAGE_SIZE, IMAGE_SIZE):
-            odd.append(f"key={int(scan.keys[i])} is {size[0]}x{size[1]}")
-    warnings += _size_warning(odd)
-    return _fields(scan.labels, classes, len(decoded)), problems, warnings
+    prefix = split_prefix(path)
+    rec, _ = require_files(prefix)
+    with tempfile.TemporaryDirectory(prefix="data_pipelines-check-") as tmp:
+        table = str(Path(tmp) / "table")
+        build_table(prefix, table, full=full, progress=True)
+        scan = open_table(table, rec, property_classes(prefix))
+        assert scan is not None
+        problems = list(scan.problems)
+        classes = num_classes or scan.declared_classes
+        if classes is not None:
+            problems += check_label_range(scan.labels, scan.keys, scan.offsets, classes)
+        n = scan.num_images
+        if full or sample >= n:
+            chunks = [
+                (rec, table, np.arange(lo, min(lo + _FULL_CHUNK, n)))
+                for lo in range(0, n, _FULL_CHUNK)
+            ]
+        else:
+            picked = _pick(n, full, sample, seed)
+            chunks = [(rec, table, picked[j : j + _CHUNK]) for j in range(0, picked.size, _CHUNK)]
+        decoded, failures, odd, first_odd = 0, [], 0, None
+        with (
+            mapper(workers) as pmap,
+            tqdm(
+                total=sum(c[2].size for c in chunks), desc="decode", unit="img", file=sys.stderr
+            ) as bar,
+        ):
+            for count, failed, odd_count, first in pmap(_decode_rec_chunk, chunks):
+                decoded += count
+                failures += failed
+                odd += odd_count
+                first_odd = first_odd or first
+                bar.update(count)
+        for i, kind, why in sorted(failures):
+            problems.append(Problem(kind, int(scan.keys[i]), int(scan.offsets[i]), why))
+        warnings = []
+        header = scan.header_range
+        if header is not None and np.float32(header[1]) != np.float32(scan.num_records):
+            warnings.append(
+                f"header promises {header[1]} records; the index lists {scan.num_records}"
+            )
+        if odd:
+            warnings.append(
+                f"{odd} decoded images are not 112x112 (e.g. {first_odd}); set data.resize: true"
+            )
+        return _fields(scan.labels, classes, decoded), problems, warnings
 
 
 def check_folder(

@@ -57,7 +57,7 @@ class CodecLoader(Loader):
             return  # the running stream is already here: the previous epoch ran to its end
         self._shutdown()
         self._feeder = Feeder(
-            self.plan, self.dataset.read, self.dataset.labels, epoch=self.epoch,
+            self.plan, self.dataset.read_batch, epoch=self.epoch,
             start=self._start, seed=self.seed, aug=self.cfg.dali_aug, mirror=self.cfg.mirror,
             depth=self.cfg.prefetch, prepare=self._prepare,
         )  # fmt: skip

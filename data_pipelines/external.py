@@ -49,7 +49,7 @@ class ExternalLoader(Loader):
             return  # the running stream is already here: the previous epoch ran to its end
         self._shutdown()
         self._feeder = Feeder(
-            self.plan, self.dataset.read, self.dataset.labels, epoch=self.epoch,
+            self.plan, self.dataset.read_batch, epoch=self.epoch,
             start=self._start, seed=self.seed, aug=self.cfg.dali_aug, mirror=self.cfg.mirror,
             depth=self.cfg.prefetch + 2,
         )  # fmt: skip
@@ -59,10 +59,14 @@ class ExternalLoader(Loader):
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         try:
             images, labels = self._pipe.run()
+        except DataError:  # a bad record the feeder reached, already named
+            self._shutdown()
+            raise
         except RuntimeError as exc:
             message = self._diagnose(self._step)
             self._shutdown()  # the pipeline is dead after a DALI error; rebuilt on the next call
             raise DataError(message) from exc
+        self.skipped = len(self.dataset.skipped)  # grows when a bad record is first read
         epoch, start, step = self._stream
         valid = self.plan.valid(start, step)
         step += 1
@@ -76,7 +80,11 @@ class ExternalLoader(Loader):
         indices, _ = self.plan.rank_batches(self.epoch, self._start)
         for k in range(step, min(step + self.cfg.prefetch + 1, len(indices))):
             for i in indices[k]:
-                data = self.dataset.read(i)
+                try:
+                    data = self.dataset.read(i)
+                except DataError as exc:  # a record whose framing is bad, named by the source
+                    bad.append(f"  {exc}")
+                    continue
                 why = decode_error(data)
                 if why:
                     bad.append(f"  {self.dataset.describe(i)}: {why}")

@@ -63,16 +63,16 @@ class Batch:
 class Feeder:
     """Batches of ``plan``'s sample stream from ``(epoch, start)`` on, read ``depth`` ahead.
 
-    ``read(i)`` returns sample ``i``'s encoded bytes and ``labels[i]`` its label. Each queued
-    item is ``prepare(batch)`` (default: ``batch.dali_inputs()``). Errors on the thread, from
+    ``read_batch(indices)`` returns the samples' encoded bytes and their labels (a source may
+    put another sample in a bad one's place, with that sample's label). Each queued item is
+    ``prepare(batch)`` (default: ``batch.dali_inputs()``). Errors on the thread, from
     ``prepare`` too, come out of ``take()``.
     """
 
     def __init__(
         self,
         plan: ShardPlan,
-        read: Callable[[int], Any],
-        labels: np.ndarray,
+        read_batch: Callable[[np.ndarray], tuple[list[Any], np.ndarray]],
         *,
         epoch: int,
         start: int,
@@ -82,7 +82,7 @@ class Feeder:
         depth: int,
         prepare: Callable[[Batch], Any] = Batch.dali_inputs,
     ) -> None:
-        self.plan, self.read, self.labels, self.prepare = plan, read, labels, prepare
+        self.plan, self.read_batch, self.prepare = plan, read_batch, prepare
         self.seed, self.aug, self.mirror = seed, aug, mirror
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
@@ -98,8 +98,8 @@ class Feeder:
             for k, idx in enumerate(indices):
                 key = [self.seed, epoch, self.plan.first_position(start, k)]
                 params = draw_params(key, self.plan.batch_size, self.aug, self.mirror)
-                jpegs = [self.read(i) for i in idx]
-                yield self.prepare(Batch(epoch, start, k, idx, jpegs, self.labels[idx], params))
+                jpegs, labels = self.read_batch(idx)
+                yield self.prepare(Batch(epoch, start, k, idx, jpegs, labels, params))
             epoch, start = epoch + 1, 0
 
     def _run(self, epoch: int, start: int) -> None:

@@ -1,17 +1,20 @@
-"""Scan a ``.rec``/``.idx`` pair into a table of image records, finding every framing problem.
+"""Scan every record of a ``.rec``/``.idx`` pair into a table, finding every framing problem.
 
-We read only the 36 leading bytes of each record, vectorised over an ``np.memmap``, so a 42M
+We read only the 40 leading bytes of each record, vectorised over a memory map, so a 42M
 record file is validated at disk speed with no per-record Python. Header and identity records
 (no image bytes) are dropped here: DALI's decoder fails on them (insightface #2235) and they are
-not samples. Results are cached by (path, size, mtime) because the scan reads the whole file.
+not samples. Memory stays bounded at any size: the ``.idx`` is streamed, the columns are
+written to a ``TableWriter`` chunk by chunk, and the pages of the ``.rec`` a chunk touched are
+dropped from the process's mapping before the next. Layouts without identity records need this
+scan, and so does ``check --full``; insightface's own files start from their identity records
+(``layout.py``) instead of reading every record.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict, dataclass, field
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,113 +22,91 @@ from tqdm import tqdm
 
 from . import recordio
 from .insightface import read_property, split_prefix
+from .table import COLUMNS, SCANNED, Problem, RecScan, TableWriter, meta_of, open_table
 
-_HEAD = np.dtype(
-    [
-        ("magic", "<u4"),
-        ("lrec", "<u4"),
-        ("flag", "<u4"),
-        ("label", "<f4"),
-        ("id", "<u8"),
-        ("id2", "<u8"),
-        ("label0", "<f4"),  # first of ``flag`` labels when flag > 0
-    ]
-)
-_CHUNK = 1 << 18  # records per vectorised step: 36 x 8 B x 256k = 75 MB of indices
-_CACHE_VERSION = 1
+__all__ = ["Problem", "RecScan", "check_label_range", "scan_into", "scan_rec"]
+
+_CHUNK = 1 << 16  # records per vectorised step: 40 x 8 B x 64k = 21 MB of gather indices
+_LABEL_END = 2.0**31  # labels are stored as int32
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One bad record. ``kind``: bad_magic, truncated, duplicate, bad_label, label_range, decode."""
-
-    kind: str
-    key: int | str
-    offset: int | None
-    detail: str
-
-    def __str__(self) -> str:
-        where = f"key={self.key}" + (f" offset={self.offset}" if self.offset is not None else "")
-        return f"{self.kind}: {where}: {self.detail}"
-
-
-@dataclass
-class RecScan:
-    """Image records of one ``.rec`` in file order, plus what was wrong with the others.
-
-    ``image_start``/``image_len`` locate the JPEG bytes directly in the file; ``image_start`` is
-    -1 for the rare record split around an embedded magic number (read it with ``read_at``).
-    """
-
-    rec_path: str
-    keys: np.ndarray
-    offsets: np.ndarray
-    image_start: np.ndarray
-    image_len: np.ndarray
-    labels: np.ndarray
-    problems: list[Problem] = field(default_factory=list)
-    header_range: tuple[int, int] | None = None
-    declared_classes: int | None = None
-    num_records: int = 0
-
-    @property
-    def num_images(self) -> int:
-        return int(self.keys.size)
-
-    def image_bytes(self, buf: bytes | memoryview | np.ndarray, i: int) -> bytes | memoryview:
-        """JPEG bytes of image ``i`` from a buffer over the whole ``.rec`` (mmap)."""
-        start = int(self.image_start[i])
-        if start >= 0:
-            return memoryview(buf)[start : start + int(self.image_len[i])]
-        payload, _ = recordio.read_at(buf, int(self.offsets[i]))
-        return recordio.unpack_payload(payload)[2]
-
-
-def _gather_heads(mm: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """36 bytes at each offset (zero-filled past EOF) viewed as ``_HEAD`` records."""
-    width = _HEAD.itemsize
-    size = mm.shape[0]
-    pos = offsets[:, None] + np.arange(width, dtype=np.int64)
-    inside = (pos >= 0) & (pos < size)
-    raw = np.zeros(pos.shape, dtype=np.uint8)
-    raw[inside] = mm[pos[inside]]
-    return raw.view(_HEAD).reshape(-1)
-
-
-def _slow_record(buf: np.ndarray, offset: int) -> tuple[int, float, int]:
-    """(flag, label, image length) of a multi-part record via the full reader."""
-    payload, _ = recordio.read_at(buf, offset)
-    header, labels, image = recordio.unpack_payload(payload)
-    return header.flag, labels[0], len(image)
+class _Unsorted(Exception):
+    """The ``.idx`` does not list records in file order: sort it in memory instead."""
 
 
 def scan_rec(prefix: str | os.PathLike, *, progress: bool = False) -> RecScan:
-    """Validate framing and labels of every record listed in ``PREFIX.idx``."""
+    """Validate framing and labels of every record listed in ``PREFIX.idx``; in memory.
+
+    For small files and tools that want plain arrays; a data set for training goes through
+    ``cache.open_index``, which maps a shared table instead.
+    """
     prefix = split_prefix(prefix)
-    rec_path, idx_path = _require(prefix)
-    all_keys, all_offsets = recordio.read_index(idx_path)
-    order = np.argsort(all_offsets, kind="stable")
-    all_keys, all_offsets = all_keys[order], all_offsets[order]
-    duplicate = np.r_[False, np.diff(all_offsets) == 0]  # DALI would size these 0 and drop them
-    size = os.path.getsize(rec_path)
-    mm = np.memmap(rec_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    require_files(prefix)
+    with tempfile.TemporaryDirectory(prefix="data_pipelines-scan-") as tmp:
+        out = TableWriter(Path(tmp) / "table", tuple(COLUMNS))
+        out.finish(scan_into(prefix, out, progress=progress))
+        table = open_table(out.dir, prefix + ".rec", property_classes(prefix))
+        assert table is not None
+        return table.in_memory()
+
+
+def scan_into(prefix: str, out: TableWriter, *, progress: bool = False) -> dict:
+    """Scan every record into ``out``'s columns; return the table's metadata."""
+    rec_path, idx_path = require_files(prefix)
+    with recordio.FileMap(rec_path) as rm:
+        try:
+            return _scan(prefix, rm, _file_order(idx_path), out, progress)
+        except _Unsorted:
+            out.reset()  # rare: an .idx not in file order is sorted in memory (~1.4 GB at 42M)
+        keys, offsets = recordio.read_index(idx_path)
+        order = np.argsort(offsets, kind="stable")
+        keys, offsets = keys[order], offsets[order]
+        del order
+        chunks = (
+            (keys[lo : lo + _CHUNK], offsets[lo : lo + _CHUNK])
+            for lo in range(0, keys.size, _CHUNK)
+        )
+        return _scan(prefix, rm, chunks, out, progress)
+
+
+def _file_order(idx_path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The ``.idx`` in chunks of ``_CHUNK`` records; raises ``_Unsorted`` if offsets fall."""
+    last = None
+    for keys, offsets in recordio.iter_index(idx_path):
+        if offsets.size == 0:
+            continue
+        if (last is not None and offsets[0] < last) or bool((np.diff(offsets) < 0).any()):
+            raise _Unsorted
+        last = offsets[-1]
+        for lo in range(0, keys.size, _CHUNK):
+            yield keys[lo : lo + _CHUNK], offsets[lo : lo + _CHUNK]
+
+
+def _scan(
+    prefix: str,
+    rm: recordio.FileMap,
+    chunks: Iterator[tuple[np.ndarray, np.ndarray]],
+    out: TableWriter,
+    progress: bool,
+) -> dict:
+    mm, size = rm.array, rm.size
     problems: list[Problem] = []
-    keep_parts: list[np.ndarray] = []
-    starts: list[np.ndarray] = []
-    lens: list[np.ndarray] = []
-    labels_out: list[np.ndarray] = []
     header_range = None
-    bar = tqdm(total=all_keys.size, desc="scan", unit="rec", disable=not progress)
-    for lo in range(0, all_keys.size, _CHUNK):
-        keys, offs = all_keys[lo : lo + _CHUNK], all_offsets[lo : lo + _CHUNK]
-        h = _gather_heads(mm, offs)
+    count = 0
+    previous = None  # the last offset of the chunk before: a repeat is a duplicate
+    bar = tqdm(desc="scan", unit="rec", disable=not progress)
+    for keys, offs in chunks:
+        first = previous is None
+        duplicate = np.r_[offs[0] == previous, np.diff(offs) == 0]  # DALI would size these 0
+        previous = offs[-1]
+        h = recordio.gather_heads(mm, offs)
         cflag = (h["lrec"] >> 29).astype(np.int64)
         length = (h["lrec"] & recordio.MAX_PART).astype(np.int64)
         flag = h["flag"].astype(np.int64)
         label = np.where(flag > 0, h["label0"], h["label"]).astype(np.float64)
         bad = np.zeros(keys.size, dtype=bool)
         at = (problems, bad, keys, offs)
-        _mark(*at, duplicate[lo : lo + _CHUNK], "duplicate", "offset listed twice in the index")
+        _mark(*at, duplicate, "duplicate", "offset listed twice in the index")
         _mark(
             *at,
             (offs < 0) | (offs + 8 > size),
@@ -146,43 +127,45 @@ def scan_rec(prefix: str | os.PathLike, *, progress: bool = False) -> RecScan:
         _mark(*at, length < recordio.IR_SIZE, "truncated", "payload shorter than the IRHeader")
         _mark(*at, image_len < 0, "truncated", "fewer label floats than the IRHeader flag promises")
         is_image = (image_len > 0) & ~bad
-        if lo == 0 and keys.size and not bad[0] and image_len[0] == 0 and flag[0] >= 2:
-            header_range = tuple(int(x) for x in _header_labels(mm, int(offs[0])))
+        if first and keys.size and not bad[0] and image_len[0] == 0 and flag[0] >= 2:
+            header_range = (int(h["label0"][0]), int(h["label1"][0]))
         integral = np.isfinite(label) & (label == np.floor(label)) & (label >= 0)
         for i in np.flatnonzero(is_image & ~integral):
             detail = f"label {float(label[i])!r} is not an integer >= 0"
             problems.append(Problem("bad_label", int(keys[i]), int(offs[i]), detail))
-        is_image &= integral
-        keep_parts.append(np.stack([keys[is_image], offs[is_image]]))
-        starts.append(image_start[is_image])
-        lens.append(image_len[is_image])
-        labels_out.append(label[is_image].astype(np.int64))
+        for i in np.flatnonzero(is_image & integral & (label >= _LABEL_END)):
+            detail = f"label {float(label[i])!r} is not below 2^31"
+            problems.append(Problem("bad_label", int(keys[i]), int(offs[i]), detail))
+        is_image &= integral & (label < _LABEL_END)
+        out.append("keys", keys[is_image])
+        out.append("offsets", offs[is_image])
+        out.append("image_start", image_start[is_image])
+        out.append("image_len", image_len[is_image])
+        out.append("labels", label[is_image])
+        rm.release(int(offs[0]), int(offs[-1]) + recordio.HEAD.itemsize)
+        count += keys.size
         bar.update(keys.size)
     bar.close()
-    kept = np.concatenate(keep_parts, axis=1) if keep_parts else np.zeros((2, 0), np.int64)
-    declared = _property_classes(prefix)
+    declared = property_classes(prefix)
     if declared is None and header_range is not None:
         declared = header_range[1] - header_range[0]
-    return RecScan(
-        rec_path=rec_path,
-        keys=kept[0],
-        offsets=kept[1],
-        image_start=np.concatenate(starts) if starts else np.zeros(0, np.int64),
-        image_len=np.concatenate(lens) if lens else np.zeros(0, np.int64),
-        labels=np.concatenate(labels_out) if labels_out else np.zeros(0, np.int64),
-        problems=problems,
-        header_range=header_range,
-        declared_classes=declared,
-        num_records=int(all_keys.size),
-    )
+    return meta_of(problems, header_range, declared, count, SCANNED, records_read=count)
 
 
-def _property_classes(prefix: str) -> int | None:
+def _slow_record(buf: np.ndarray, offset: int) -> tuple[int, float, int]:
+    """(flag, label, image length) of a multi-part record via the full reader."""
+    payload, _ = recordio.read_at(buf, offset)
+    header, labels, image = recordio.unpack_payload(payload)
+    return header.flag, labels[0], len(image)
+
+
+def property_classes(prefix: str) -> int | None:
+    """The class count of the ``property`` file next to ``prefix``, if there is one."""
     prop = read_property(prefix)
     return prop.num_classes if prop is not None else None
 
 
-def _require(prefix: str) -> tuple[str, str]:
+def require_files(prefix: str) -> tuple[str, str]:
     """The ``.rec`` and ``.idx`` paths; a one-line ``FileNotFoundError`` if one is missing."""
     rec, idx = prefix + ".rec", prefix + ".idx"
     if not os.path.isfile(rec):
@@ -209,11 +192,6 @@ def _mark(
     bad |= mask
 
 
-def _header_labels(mm: np.ndarray, offset: int) -> tuple[float, ...]:
-    payload, _ = recordio.read_at(mm, offset)
-    return recordio.unpack_payload(payload)[1][:2]
-
-
 def check_label_range(
     labels: np.ndarray, keys: np.ndarray | list, offsets: np.ndarray | None, num_classes: int
 ) -> list[Problem]:
@@ -226,47 +204,3 @@ def check_label_range(
             Problem("label_range", key, off, f"label {int(labels[i])} >= num_classes {num_classes}")
         )
     return out
-
-
-def _cache_file(cache_dir: str, rec_path: str) -> Path:
-    st = os.stat(rec_path)
-    idx_st = os.stat(split_prefix(rec_path) + ".idx")
-    ident = f"{_CACHE_VERSION}|{os.path.abspath(rec_path)}|{st.st_size}|{st.st_mtime_ns}|{idx_st.st_mtime_ns}"
-    digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{Path(rec_path).stem}-{digest}.npz"
-
-
-def load_or_scan(
-    prefix: str | os.PathLike, cache_dir: str | None, *, progress: bool = False
-) -> RecScan:
-    """``scan_rec`` through a cache keyed on the files' size and mtime (the scan reads it all)."""
-    prefix = split_prefix(prefix)
-    _require(prefix)
-    if cache_dir is None:
-        return scan_rec(prefix, progress=progress)
-    path = _cache_file(cache_dir, prefix + ".rec")
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            return RecScan(
-                rec_path=prefix + ".rec",
-                keys=z["keys"], offsets=z["offsets"], image_start=z["image_start"],
-                image_len=z["image_len"], labels=z["labels"],
-                problems=[Problem(**p) for p in meta["problems"]],
-                header_range=tuple(meta["header_range"]) if meta["header_range"] else None,
-                declared_classes=_property_classes(prefix) or meta["declared_classes"],
-                num_records=meta["num_records"],
-            )  # fmt: skip
-    scan = scan_rec(prefix, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "problems": [asdict(p) for p in scan.problems],
-        "header_range": scan.header_range,
-        "declared_classes": scan.declared_classes,
-        "num_records": scan.num_records,
-    }
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, keys=scan.keys, offsets=scan.offsets, image_start=scan.image_start,
-             image_len=scan.image_len, labels=scan.labels, meta=json.dumps(meta))  # fmt: skip
-    os.replace(tmp, path)  # atomic: concurrent ranks may race to write the same cache
-    return scan

@@ -2,8 +2,10 @@
 
 Every problem the loader could hit mid-run -- bad framing, non-integer labels, labels beyond
 the head's class count, a ``property`` that says the images are not 112x112 -- is found here,
-at start-up, with the record key and byte offset. Every data error is a ``DataError`` whose
-first line names the path; a missing or unreadable file is one line.
+at start-up, with the record key and byte offset; except, for insightface's layout, whose index
+comes from its identity records without reading the image records, a bad image record's
+framing, which is found (and named) when training first reads it. Every data error is a
+``DataError`` whose first line names the path; a missing or unreadable file is one line.
 """
 
 from __future__ import annotations
@@ -11,22 +13,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from . import cache
 from .config import DataConfig
 from .folder import FolderScan, save_label_map, scan_folder
 from .insightface import read_property, split_prefix
-from .scan import Problem, RecScan, check_label_range, load_or_scan
+from .recordio import BadRecord
+from .scan import Problem, RecScan, check_label_range
 
 _SHOWN = 5
+_SUBSTITUTES = 16  # records tried after a bad one before a run of bad records is refused
 log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """The data set cannot be trained on as configured; the message names the path."""
+
+
+class BadRecordError(DataError):
+    """A record found bad when training read it; ``problem`` names it."""
+
+    def __init__(self, message: str, problem: Problem) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 def _warn_extra_classes(path: str, own: int, configured: int | None) -> None:
@@ -50,7 +63,16 @@ def _summary(problems: list[Problem]) -> str:
 
 
 class RecDataset:
-    """Image records of an insightface/im2rec ``.rec``; bytes are sliced from an mmap."""
+    """Image records of an insightface/im2rec ``.rec``; bytes are sliced from an mmap.
+
+    The index table is mapped read-only from ``cfg.cache_dir``, built there once by whichever
+    rank takes its lock first (``cache.open_index``). For insightface's layout it comes from the
+    identity records, so the image records' headers are first read when training reads them:
+    a bad one is refused then, naming it, or with ``skip_corrupt`` replaced by the next good
+    record in file order (its own label), logged and counted in ``skipped``. Other layouts are
+    scanned record by record at open, and their bad records refused or left out up front.
+    ``reader: native`` with ``skip_corrupt`` scans too, since DALI's reader picks the records.
+    """
 
     kind = "rec"
 
@@ -58,9 +80,10 @@ class RecDataset:
         assert cfg.path is not None
         self.prefix = split_prefix(cfg.path)
         self.path = self.prefix + ".rec"
-        self._cache_dir = cfg.cache_dir
+        self.skip_corrupt = cfg.skip_corrupt
+        full = cfg.skip_corrupt and cfg.reader == "native"
         try:
-            self.scan: RecScan = load_or_scan(self.prefix, cfg.cache_dir)
+            self.scan: RecScan = cache.open_index(self.prefix, cfg.cache_dir, full=full)
             prop = read_property(self.prefix)
         except (OSError, ValueError) as exc:  # a missing or malformed .rec, .idx or property
             folder = os.path.isdir(cfg.path) and not os.path.isfile(self.path)
@@ -95,43 +118,74 @@ class RecDataset:
             )
         self.label_map_path: str | None = None  # labels are the file's own
         self._mm: np.ndarray | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._late: set[int] = set()  # records found bad when read (skip_corrupt)
+        self._late_lock = threading.Lock()
 
     @property
     def num_images(self) -> int:
         return self.scan.num_images
 
     def read(self, i: int) -> np.ndarray:
+        """Encoded bytes of image ``i``; ``BadRecordError`` names a record found bad now."""
         if self._mm is None:  # mapped lazily: each process that reads maps its own view
             self._mm = np.memmap(self.scan.rec_path, dtype=np.uint8, mode="r")
-        return np.frombuffer(self.scan.image_bytes(self._mm, int(i)), dtype=np.uint8)
+        try:
+            return np.frombuffer(self.scan.image_bytes(self._mm, int(i)), dtype=np.uint8)
+        except BadRecord as exc:
+            problem = Problem(
+                exc.kind, int(self.scan.keys[i]), int(self.scan.offsets[i]), exc.detail
+            )
+            raise BadRecordError(
+                f"{self.path}: {problem} (found when read; set data.skip_corrupt: true to train "
+                f"past bad records, or list them all with `python -m data_pipelines.check "
+                f"{self.prefix} --full`)",
+                problem,
+            ) from exc
+
+    def read_batch(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """(encoded bytes, labels) of ``indices``; a bad record's place goes to the next good
+        record in file order when ``skip_corrupt`` (same every run: resume stays exact)."""
+        labels = np.array(self.labels[indices])
+        out = []
+        for j, i in enumerate(indices):
+            i = int(i)
+            for step in range(_SUBSTITUTES + 1):
+                k = (i + step) % self.num_images
+                try:
+                    out.append(self.read(k))
+                    break
+                except BadRecordError as exc:
+                    if not self.skip_corrupt:
+                        raise
+                    self._skip(k, exc.problem)
+            else:
+                raise DataError(
+                    f"{self.path}: {_SUBSTITUTES + 1} bad records in a row from key "
+                    f"{int(self.scan.keys[i])}; inspect with `python -m data_pipelines.check "
+                    f"{self.prefix} --full`"
+                )
+            if k != i:
+                labels[j] = self.labels[k]
+        return out, labels
+
+    def _skip(self, i: int, problem: Problem) -> None:
+        with self._late_lock:
+            if i in self._late:
+                return
+            self._late.add(i)
+            self.skipped.append(problem)
+        log.warning(
+            "%s: %s; training on the next good record in its place (data.skip_corrupt)",
+            self.path,
+            problem,
+        )
 
     def describe(self, i: int) -> str:
         return f"record key={int(self.scan.keys[i])} offset={int(self.scan.offsets[i])}"
 
     def image_index(self) -> str:
-        """A ``.idx`` listing only the valid image records, for ``fn.readers.mxnet``.
-
-        DALI sizes a record as the gap to the next listed offset and parses only the first
-        record in it, so leaving header, identity and corrupt records out is safe.
-        """
-        digest = hashlib.sha1(self.scan.keys.tobytes() + self.scan.offsets.tobytes()).hexdigest()[
-            :16
-        ]
-        if self._cache_dir is not None:
-            path = Path(self._cache_dir) / f"{Path(self.prefix).name}-{digest}.images.idx"
-        else:
-            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="data_pipelines-")
-            path = Path(self._tmp.name) / "images.idx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            lines = np.char.add(
-                np.char.add(self.scan.keys.astype(str), "\t"), self.scan.offsets.astype(str)
-            )
-            tmp.write_text("\n".join(lines.tolist()) + "\n")
-            os.replace(tmp, path)
-        return str(path)
+        """A ``.idx`` listing only the image records, for ``fn.readers.mxnet`` (built once)."""
+        return cache.image_index(self.scan)
 
 
 class FolderDataset:
@@ -170,6 +224,9 @@ class FolderDataset:
 
     def read(self, i: int) -> np.ndarray:
         return np.fromfile(self.scan.path(int(i)), dtype=np.uint8)
+
+    def read_batch(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        return [self.read(int(i)) for i in indices], self.labels[indices]
 
     def describe(self, i: int) -> str:
         return f"file {self.scan.path(int(i))}"

@@ -68,3 +68,47 @@ def test_too_few_images_for_one_global_batch() -> None:
     assert ShardPlan(10, 8, 3, 4, "pad").steps(0) == 1
     with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
         ShardPlan(10, 8, 4, 4, "pad")
+
+
+def _reference_batches(plan: ShardPlan, epoch: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The formula before int32 orders and per-rank views: int64 positions into a full order."""
+    steps = plan.steps(start)
+    pos = (
+        start
+        + np.arange(steps, dtype=np.int64)[:, None] * plan.global_batch
+        + plan.rank * plan.batch_size
+        + np.arange(plan.batch_size, dtype=np.int64)[None, :]
+    )
+    n = plan.num_images
+    order = (
+        np.random.default_rng([plan.seed, epoch]).permutation(n) if plan.shuffle else np.arange(n)
+    )
+    return order[pos % n], np.clip(n - pos[:, 0], 0, plan.batch_size)
+
+
+def test_rank_batches_are_the_same_values_as_before_in_int32() -> None:
+    """int32 orders and per-rank views change no index: resume and sharding stay bit-identical."""
+    cases = 0
+    for n in (1, 7, 10, 50, 103, 1000):
+        for b in (1, 3, 8):
+            for w in (1, 2, 3, 4):
+                for last in ("drop", "pad"):
+                    for shuffle in (True, False):
+                        gb = b * w
+                        for start in sorted({0, gb, 3 * gb, (n // gb) * gb, n + gb}):
+                            for r in range(w):
+                                try:
+                                    plan = ShardPlan(n, b, r, w, last, shuffle, seed=5)
+                                except ValueError:
+                                    continue
+                                got, valid = plan.rank_batches(2, start)
+                                want, want_valid = _reference_batches(plan, 2, start)
+                                assert got.dtype == np.int32 and got.shape == want.shape
+                                assert (got == want).all() and (valid == want_valid).all()
+                                cases += 1
+    assert cases > 1000
+    big = ShardPlan(3_000_017, 64, 1, 4, "pad", seed=9)  # a large n, checked once
+    np.testing.assert_array_equal(big.rank_batches(1, 256)[0], _reference_batches(big, 1, 256)[0])
+    np.testing.assert_array_equal(
+        big.order(4), np.random.default_rng([9, 4]).permutation(3_000_017)
+    )

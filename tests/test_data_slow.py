@@ -152,3 +152,31 @@ def test_missing_index_command_lines(tmp_path: Path) -> None:
     checked = _cli("data_pipelines.check", str(rec), "--full", "--workers", "1")
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == "images=12 classes=4 min_label=0 max_label=3 decoded=12 problems=0\n"
+
+
+def test_bench_index_rewrites_only_its_section(tmp_path: Path) -> None:
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(
+        "# B\n<!-- BEGIN data -->\nkeep\n<!-- END data -->\n<!-- BEGIN index -->\nSTALE-SECTION\n<!-- END index -->\ntail\n"
+    )
+    done = _cli(
+        "data_pipelines.bench_index",
+        "--records",
+        "20000",
+        "--identities",
+        "900",
+        "--benchmarks",
+        str(bench),
+        "--workdir",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    text = bench.read_text()
+    assert text.startswith(
+        "# B\n<!-- BEGIN data -->\nkeep\n<!-- END data -->\n<!-- BEGIN index -->\n### Index memory"
+    )
+    assert text.endswith("<!-- END index -->\ntail\n") and "STALE-SECTION" not in text
+    assert (
+        "| 4 | warm |" in text and "all 20,000 keys, offsets and labels equal the writer's" in text
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]  # the test file is gone
