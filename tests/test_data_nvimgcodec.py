@@ -448,14 +448,14 @@ def test_the_trainer_seam_passes_the_decoder_through(tmp_path: Path) -> None:
     """``data.decoder`` in a trainer YAML reaches ``data_pipelines``: the trainer's loader is the
     nvimgcodec one, with the documented labels for its share of the global order."""
     from pfc_ds.train.config import Config
-    from pfc_ds.train.loop import build_loader as trainer_loader
+    from pfc_ds.train.build import build_loader as trainer_loader
     from tests.test_train_dali import _cfg as trainer_cfg
 
     truth = make_insightface(tmp_path / "train", 40, per_id=4)
     raw = trainer_cfg(str(tmp_path / "train"), tmp_path)
     raw["data"].update(decoder="nvimgcodec", image_size=112)
     cfg = Config.from_dict(raw)
-    loader = trainer_loader(cfg, rank=1, world_size=2, device="cpu", seed=cfg.data.seed)
+    loader, _ = trainer_loader(cfg, rank=1, world_size=2, device="cpu")
     assert isinstance(loader, codec_loader.CodecLoader) and len(loader) == 40 // 16
     order = np.random.default_rng([cfg.data.seed, 0]).permutation(40)
     for step, (images, labels) in enumerate(loader):
