@@ -11,10 +11,12 @@ instead of claiming a size they do not have (insightface's own readers then refu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import pickle
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .recordio import RecordWriter, pack_payload
@@ -132,3 +134,20 @@ def write_records(
         for c in range(num_classes):
             rng = identity_ranges[c] if identity_ranges is not None else (c, counts[c])
             w.write(first_id + c, pack_payload((float(rng[0]), float(rng[1])), b""))
+
+
+def write_bin(
+    path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool] | np.ndarray
+) -> Path:
+    """insightface's verification ``.bin``: a pickle of (encoded images, issame), written
+    atomically (``pfc_ds.eval.bins`` reads it; the one writer of the format)."""
+    issame = [bool(x) for x in issame]
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pickle.dump(([bytes(b) for b in images], issame), f, protocol=4)
+    os.replace(tmp, path)
+    return path

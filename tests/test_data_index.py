@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import DataConfig, DataError, build_loader, check, index, recordio
+from data_pipelines.faces import generate
 from data_pipelines.pack import pack
-from data_pipelines.synth import generate
 from tests.test_data_helpers import image_jpeg, make_folder, make_im2rec
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines.heldout import HELDOUT_FIRST, heldout_pairs
-from data_pipelines.noise import long_tail_counts, make_plan
+from data_pipelines.faces import generate, heldout_pairs, write_sidecars
+from data_pipelines.noise import HELDOUT_FIRST, long_tail_counts, make_plan
 from data_pipelines.scan import scan_rec
-from data_pipelines.synth import generate, write_sidecars
 from pfc_ds.eval.bins import load_bin, read_bin
 
 
@@ -94,7 +93,7 @@ def _rec_labels(prefix: Path) -> np.ndarray:
 def test_written_set_matches_its_plan_csvs_and_heldout_bin(tmp_path: Path) -> None:
     prefix = str(tmp_path / "train")
     plan = generate(prefix, 12, 4, seed=4, workers=1, conflict=0.25, flip=0.25)
-    write_sidecars(prefix, plan, seed=4, heldout_pairs=10)
+    write_sidecars(prefix, plan, seed=4, heldout=10)
     labels = _rec_labels(Path(prefix))
     assert labels.tolist() == plan.label.tolist() and plan.num_labels == 15
     assert scan_rec(Path(prefix)).declared_classes == 15

@@ -447,8 +447,8 @@ def test_gpu_decode_matches_the_cpu_decode(tmp_path: Path) -> None:
 def test_the_trainer_seam_passes_the_decoder_through(tmp_path: Path) -> None:
     """``data.decoder`` in a trainer YAML reaches ``data_pipelines``: the trainer's loader is the
     nvimgcodec one, with the documented labels for its share of the global order."""
-    from pfc_ds.train.config import Config
     from pfc_ds.train.build import build_loader as trainer_loader
+    from pfc_ds.train.config import Config
     from tests.test_train_dali import _cfg as trainer_cfg
 
     truth = make_insightface(tmp_path / "train", 40, per_id=4)

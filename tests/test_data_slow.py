@@ -108,7 +108,7 @@ def test_bench_rewrites_only_its_section(tmp_path: Path) -> None:
     )
     bench.write_text(f"{head}<!-- BEGIN data -->\nold\n<!-- END data -->{tail}")
     done = _cli(
-        "data_pipelines.bench",
+        "pfc_ds.bench.data",
         "--images",
         "300",
         "--epochs",
@@ -160,7 +160,7 @@ def test_bench_index_rewrites_only_its_section(tmp_path: Path) -> None:
         "# B\n<!-- BEGIN data -->\nkeep\n<!-- END data -->\n<!-- BEGIN index -->\nSTALE-SECTION\n<!-- END index -->\ntail\n"
     )
     done = _cli(
-        "data_pipelines.bench_index",
+        "pfc_ds.bench.index",
         "--records",
         "20000",
         "--identities",

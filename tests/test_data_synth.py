@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipelines.faces import generate, prototype, view
 from data_pipelines.jpeg import decode_error, image_size
 from data_pipelines.scan import scan_rec
-from data_pipelines.synth import generate, prototype, view
 
 
 def test_generate_writes_a_valid_insightface_rec(tmp_path: Path) -> None:

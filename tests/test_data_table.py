@@ -444,7 +444,7 @@ def test_a_table_without_its_meta_is_never_opened(tmp_path: Path) -> None:
 
 
 def test_the_benchmarks_vectorised_file_is_insightfaces_layout(tmp_path: Path) -> None:
-    from data_pipelines import bench_index
+    from pfc_ds.bench import index as bench_index
 
     prefix = tmp_path / "train"
     bench_index.write_test_file(str(prefix), 500, 37, seed=3)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipelines.faces import generate
 from data_pipelines.scan import scan_rec
-from data_pipelines.synth import generate
 from pfc_ds import embed
 from pfc_ds.backbones import get_backbone
 from pfc_ds.checkpoint import CheckpointRef, reader

@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from data_pipelines.jpeg import encode_jpeg
-from pfc_ds.eval import bins
 from pfc_ds.eval.bins import BinError, load_bin, read_bin, synthetic_bin, write_bin
 from pfc_ds.eval.verification import evaluate, interp_slinear, kfold_bounds
 
@@ -301,7 +300,9 @@ def test_bad_bins_name_the_file(tmp_path: Path) -> None:
 def test_synthetic_bin_renders_held_out_identities(tmp_path: Path, monkeypatch) -> None:
     made: dict[int, int] = {}  # id(face) -> identity
     rendered: list[int] = []
-    real_prototype, real_view = bins.prototype, bins.view
+    from data_pipelines import faces
+
+    real_prototype, real_view = faces.prototype, faces.view
 
     def spy_prototype(identity: int, seed: int = 0):
         assert seed == 3
@@ -313,8 +314,8 @@ def test_synthetic_bin_renders_held_out_identities(tmp_path: Path, monkeypatch) 
         rendered.append(made[id(face)])
         return real_view(face, rng)
 
-    monkeypatch.setattr(bins, "prototype", spy_prototype)
-    monkeypatch.setattr(bins, "view", spy_view)
+    monkeypatch.setattr(faces, "prototype", spy_prototype)
+    monkeypatch.setattr(faces, "view", spy_view)
     path = synthetic_bin(tmp_path / "synth.bin", num_pairs=30, first_identity=500, seed=3)
     assert all(500 <= i < 530 for i in rendered)  # never one of the training ids 0..499
     assert len(made) == len(set(rendered))  # each prototype built once, then reused

@@ -52,7 +52,7 @@ SEED = 7
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory) -> str:
     """Prefix of the synthetic ``.rec``/``.idx`` (+ ``property``), written once per module."""
-    from data_pipelines.synth import generate
+    from data_pipelines.faces import generate
 
     prefix = str(tmp_path_factory.mktemp("synth") / "train")
     generate(prefix, IDS, PER_ID, seed=0, workers=1)

@@ -13,7 +13,7 @@ from pfc_ds.backbones import get_backbone
 from pfc_ds.eval.bins import load_bin
 from pfc_ds.eval.embedder import evaluate_bin
 from pfc_ds.train.config import Config, ConfigError, load_config
-from pfc_ds.train.evaluation import synthetic_bin
+from pfc_ds.train.evaluation import source_heldout_bin
 from pfc_ds.train.synthetic import heldout_pairs
 from tests.dist import run_distributed
 from tests.trainer_helpers import ROOT, cfg_dict, ds_config, make_trainer
@@ -32,7 +32,7 @@ def test_heldout_pairs_are_unseen_classes_and_alternate():
 
 def test_synthetic_bin_round_trips(tmp_path):
     cfg = Config.from_dict(cfg_dict(eval=EVAL))
-    path = synthetic_bin(cfg, tmp_path)
+    path = source_heldout_bin(cfg, tmp_path)
     s = load_bin(path, 32)
     images, issame = heldout_pairs(60, first_class=10, image_size=32, seed=0)
     assert s.num_pairs == 60 and np.array_equal(s.issame, issame.numpy())

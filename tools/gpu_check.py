@@ -710,8 +710,7 @@ def _findable(module: str) -> bool:
 def _write_section(results: dict) -> None:
     """Rewrite BENCHMARKS.md's ``gpu_check`` section: the card, the date, each step's verdict."""
     path = ROOT / "BENCHMARKS.md"
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    if not path.exists() or begin not in path.read_text():
+    if not path.exists() or f"<!-- BEGIN {SECTION} -->" not in path.read_text():
         return
     pre = results.get("preflight", {}).get("info", {})
     lines = [
@@ -728,10 +727,9 @@ def _write_section(results: dict) -> None:
         lines.append(
             f"| {name} | {r.get('status', 'not run')} | {r.get('seconds')} / {r.get('budget')} |"
         )
-    text = path.read_text()
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    from pfc_ds.bench.sections import write_section
+
+    write_section(SECTION, "\n".join(lines), path)
 
 
 def main(argv: list[str] | None = None) -> int:

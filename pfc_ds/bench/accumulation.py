@@ -20,7 +20,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -115,10 +114,10 @@ def main(argv=None) -> None:
     print()
     print(table)
     if args.write:
-        from pfc_ds.bench.head import write_section
+        from pfc_ds.bench.sections import write_section
 
         section = "accumulation_gpu" if args.device.startswith("cuda") else "accumulation"
-        write_section(Path(__file__).resolve().parents[2] / "BENCHMARKS.md", section, table)
+        write_section(section, table)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pfc_ds.bench.sections import write_section
 
 VARIANTS = ("pfc_fp32", "pfc_fp16", "dense_pfc", "dense_fc")
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
@@ -263,16 +264,6 @@ def render(args, main: dict, sweep: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    text = path.read_text()
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    if begin not in text or end not in text:
-        raise ValueError(f"{path} lacks the markers {begin} ... {end}")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,7 +305,7 @@ def main(argv=None) -> None:
     print(table)
     if args.write:
         section = "head_gpu" if args.device.startswith("cuda") else "head"
-        write_section(Path(__file__).resolve().parents[2] / "BENCHMARKS.md", section, table)
+        write_section(section, table)
 
 
 if __name__ == "__main__":

@@ -112,13 +112,9 @@ def main(argv=None) -> None:
     body = render(args, rows, bool(args.before))
     print(body)
     if args.write:
-        from pfc_ds.bench.head import write_section
+        from pfc_ds.bench.sections import write_section
 
-        write_section(
-            Path(here) / "BENCHMARKS.md",
-            "memory",
-            "## Head memory against the global batch\n\n" + body,
-        )
+        write_section("memory", "## Head memory against the global batch\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_pipelines.jpeg import encode_jpeg
-from data_pipelines.synth import prototype, view
+from data_pipelines.faces import heldout_pairs
+from data_pipelines.insightface import write_bin
 
 _ALLOWED = {
     ("_codecs", "encode"),
@@ -139,56 +138,6 @@ def load_bin(path: str | os.PathLike, image_size: int = 112) -> BinSet:
     return BinSet(Path(path).stem, out, issame)
 
 
-def write_bin(
-    path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool] | np.ndarray
-) -> Path:
-    """Write ``(images, issame)`` as insightface does (a pickle), atomically."""
-    issame = [bool(x) for x in issame]
-    if len(images) != 2 * len(issame):
-        raise ValueError(f"{len(images)} images for {len(issame)} pairs")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(([bytes(b) for b in images], issame), f, protocol=4)
-    os.replace(tmp, path)
-    return path
-
-
-def synthetic_pairs(
-    num_pairs: int, first_identity: int, seed: int = 0, image_size: int = 112
-) -> tuple[list[bytes], np.ndarray]:
-    """JPEG pairs of held-out ``data_pipelines.synth`` identities (ids from ``first_identity``).
-
-    With the training set's ``seed`` and ``first_identity >= num_classes`` the faces come from
-    the same distribution as the training data but none of its identities, which is what a
-    verification set measures. Pairs alternate same / different, so every contiguous fold of
-    the protocol holds both kinds.
-    """
-    if num_pairs < 1 or first_identity < 0:
-        raise ValueError(f"need num_pairs >= 1 and first_identity >= 0, got {num_pairs}, "
-                         f"{first_identity}")  # fmt: skip
-    pool = max(2, num_pairs)  # identities to draw from
-    rng = np.random.default_rng([seed, first_identity, num_pairs, 2])
-    faces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def render(identity: int) -> bytes:
-        if identity not in faces:
-            faces[identity] = prototype(identity, seed)
-        img = view(faces[identity], rng)
-        if image_size != img.shape[0]:
-            img = np.asarray(Image.fromarray(img).resize((image_size, image_size)))
-        return encode_jpeg(img, quality=90)
-
-    images: list[bytes] = []
-    issame = np.arange(num_pairs) % 2 == 0
-    for same in issame:
-        a = int(rng.integers(pool))
-        b = a if same else (a + 1 + int(rng.integers(pool - 1))) % pool
-        images += [render(first_identity + a), render(first_identity + b)]
-    return images, issame
-
-
 def synthetic_bin(
     path: str | os.PathLike,
     num_pairs: int,
@@ -196,6 +145,9 @@ def synthetic_bin(
     seed: int = 0,
     image_size: int = 112,
 ) -> Path:
-    """Write a ``.bin`` of ``synthetic_pairs`` (see there) and return its path."""
-    images, issame = synthetic_pairs(num_pairs, first_identity, seed, image_size)
+    """Write a ``.bin`` of held-out synthetic faces (``data_pipelines.faces.heldout_pairs``:
+    identities from ``first_identity`` on) and return its path."""
+    images, issame, _ = heldout_pairs(
+        num_pairs, seed=seed, first_identity=first_identity, image_size=image_size
+    )
     return write_bin(path, images, issame)

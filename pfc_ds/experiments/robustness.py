@@ -121,8 +121,8 @@ def ensure_dataset(
 ) -> tuple[str, Path, dict[str, Any]]:
     """``(rec prefix, held-out .bin, summary)`` of ``noise``'s data set, written unless cached
     (the ``.bin`` is written last, so its presence means the set is complete)."""
-    from data_pipelines.heldout import heldout_pairs, write_bin
-    from data_pipelines.synth import generate, write_sidecars
+    from data_pipelines.faces import generate, heldout_pairs, write_sidecars
+    from data_pipelines.insightface import write_bin
 
     folder = out / "data" / noise.folder
     prefix = str(folder / "train")
@@ -131,7 +131,7 @@ def ensure_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         print(f"robustness: writing the {noise.name} data set to {folder}", flush=True)
         plan = generate(prefix, ids, per_id, seed=seed, **noise.synth_options())
-        write_sidecars(prefix, plan, seed=seed, heldout_pairs=0)
+        write_sidecars(prefix, plan, seed=seed, heldout=0)
         images, issame, _ = heldout_pairs(pairs, seed=seed)
         write_bin(bin_path, images, issame)
     summary = json.loads(Path(f"{prefix}_noise.json").read_text())

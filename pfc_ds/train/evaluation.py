@@ -37,7 +37,7 @@ def _png(rgb: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def synthetic_bin(cfg: Config, output: Path) -> Path:
+def source_heldout_bin(cfg: Config, output: Path) -> Path:
     """Write the held-out pairs of the synthetic source as a ``.bin``: insightface's format,
     with lossless PNGs (JPEG's chroma subsampling would blur the small colour cells)."""
     from pfc_ds.train.synthetic import heldout_pairs
@@ -59,7 +59,7 @@ class Evaluator:
         if self.cfg.synthetic_pairs:
             path = output / SYNTHETIC_BIN
             if rank == 0:
-                synthetic_bin(cfg, output)
+                source_heldout_bin(cfg, output)
             if dist.is_initialized():
                 dist.barrier()
             paths.append(path)

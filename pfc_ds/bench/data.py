@@ -1,4 +1,4 @@
-"""Loader throughput: ``python -m data_pipelines.bench`` (rewrites BENCHMARKS.md's data section).
+"""Loader throughput: ``python -m pfc_ds.bench.data`` (rewrites BENCHMARKS.md's data section).
 
 Measures, in one run and interleaved (so load from other work on a shared machine hits every
 row alike), img/s of: our DALI loader (CPU decode + crop_mirror_normalize) with the ``native``
@@ -27,15 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .build import build_loader
-from .config import DataConfig
-from .dali import gpu_count
-from .imgcodec import load as load_nvimgcodec
-from .scan import scan_rec
-from .sources import DataError
-from .synth import generate
-
-BEGIN, END = "<!-- BEGIN data -->", "<!-- END data -->"
+from data_pipelines.build import build_loader
+from data_pipelines.config import DataConfig
+from data_pipelines.dali import gpu_count
+from data_pipelines.faces import generate
+from data_pipelines.imgcodec import load as load_nvimgcodec
+from data_pipelines.scan import scan_rec
+from data_pipelines.sources import DataError
+from pfc_ds.bench.sections import write_section
 
 
 class PillowRec(torch.utils.data.Dataset):
@@ -194,7 +193,7 @@ def table(rates: dict[str, list[float]], args: argparse.Namespace, n: int, kb: f
     best = max(med["dali_native"], med["dali_external"]) / base
     worst = min(med["dali_native"], med["dali_external"]) / base
     verdict = "met" if worst >= 1.5 else ("met by one reader only" if best >= 1.5 else "NOT met")
-    cmd = "python -m data_pipelines.bench" + (f" --data {args.data}" if args.data else "")
+    cmd = "python -m pfc_ds.bench.data" + (f" --data {args.data}" if args.data else "")
     return "\n".join(
         [
             "### Data loading (`data_pipelines`)",
@@ -219,19 +218,9 @@ def table(rates: dict[str, list[float]], args: argparse.Namespace, n: int, kb: f
     )
 
 
-def write_section(path: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace only the text between the ``begin`` and ``end`` markers (data's) of ``path``."""
-    text = path.read_text()
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise ValueError(f"{path}: expected one {begin} ... {end} pair")
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m data_pipelines.bench", description=__doc__.splitlines()[0]
+        prog="python -m pfc_ds.bench.data", description=__doc__.splitlines()[0]
     )
     ap.add_argument(
         "--data", help="existing .rec prefix (default: synthesise --images into a temp dir)"
@@ -256,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         body = table(run(args, prefix), args, scan.num_images, float(scan.image_len.mean()) / 1000)
     print(body)
     if not args.no_write:
-        write_section(Path(args.benchmarks), body)
+        write_section("data", body, args.benchmarks)
         print(f"wrote the data section of {args.benchmarks}", file=sys.stderr)
 
 

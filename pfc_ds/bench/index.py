@@ -1,4 +1,4 @@
-"""Index memory at WebFace42M scale: ``python -m data_pipelines.bench_index`` (-> BENCHMARKS.md).
+"""Index memory at WebFace42M scale: ``python -m pfc_ds.bench.index`` (-> BENCHMARKS.md).
 
 Writes an insightface-layout ``.rec``/``.idx`` of ``--records`` image records over
 ``--identities`` identities (42M over 2M by default: header record, images with 4-byte
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-BEGIN, END = "<!-- BEGIN index -->", "<!-- END index -->"
 _CHUNK = 1 << 20  # records per write step
 _LINES = 1 << 16  # .idx lines per formatting step
 _RANKS = (1, 2, 4)
@@ -60,8 +59,8 @@ def image_offset(keys: np.ndarray) -> np.ndarray:
 
 def write_test_file(prefix: str, records: int, identities: int, seed: int = 0) -> None:
     """insightface layout written with numpy, chunk by chunk (memory: a chunk, not the file)."""
-    from .insightface import write_property
-    from .recordio import IR_SIZE, MAGIC, format_index
+    from data_pipelines.insightface import write_property
+    from data_pipelines.recordio import IR_SIZE, MAGIC, format_index
 
     starts = identity_starts(records, identities, seed)
     first_id = records + 1
@@ -117,9 +116,9 @@ def verify(scan, records: int, identities: int, seed: int = 0) -> str:
 # -- one rank --------------------------------------------------------------------------------
 def rank_main(prefix: str, cache: str, rank: int, world: int, batch: int) -> None:
     """Open as a training rank does, cut the plan, read an epoch's table entries; report."""
-    from .config import DataConfig
-    from .sampler import ShardPlan
-    from .sources import open_dataset
+    from data_pipelines.config import DataConfig
+    from data_pipelines.sampler import ShardPlan
+    from data_pipelines.sources import open_dataset
 
     t0 = time.perf_counter()
     ds = open_dataset(DataConfig(path=prefix, cache_dir=cache, num_threads=1))
@@ -150,7 +149,7 @@ def tool_main(what: str, prefix: str) -> None:
     """
     t0 = time.perf_counter()
     if what == "scan":
-        from .cache import build_table
+        from data_pipelines.cache import build_table
 
         with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:
             build_table(prefix, Path(tmp) / "table", full=True)
@@ -158,7 +157,7 @@ def tool_main(what: str, prefix: str) -> None:
         import contextlib
         import io
 
-        from . import check
+        from data_pipelines import check
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             check.main([prefix, "--workers", "1"])
@@ -166,7 +165,7 @@ def tool_main(what: str, prefix: str) -> None:
 
 
 def run_tool(what: str, prefix: str, log: Path) -> dict:
-    cmd = [sys.executable, "-m", "data_pipelines.bench_index", "--tool-worker", what, prefix]
+    cmd = [sys.executable, "-m", "pfc_ds.bench.index", "--tool-worker", what, prefix]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("a") as err:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -203,7 +202,7 @@ def evict(paths: list[str]) -> None:
 def run_ranks(prefix: str, cache: str, world: int, batch: int, log: Path) -> list[dict]:
     """``world`` rank processes started together; their reports merged per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "data_pipelines.bench_index", "--rank-worker"]
+    cmd = [sys.executable, "-m", "pfc_ds.bench.index", "--rank-worker"]
     with log.open("a") as err:
         procs = [
             subprocess.Popen(
@@ -268,13 +267,13 @@ def table(results: dict, args: argparse.Namespace, notes: dict) -> str:
     rss_ok = "met" if peak <= 2e9 else "NOT met"
     pss_ok = "met" if four <= 1.5 * one else "NOT met"
     cold = results[(1, "cold")][0]
-    cmd = "python -m data_pipelines.bench_index" + (
+    cmd = "python -m pfc_ds.bench.index" + (
         "" if (args.records, args.identities) == (42_000_000, 2_000_000)
         else f" --records {args.records} --identities {args.identities}"
     )  # fmt: skip
     return "\n".join(
         [
-            "### Index memory at WebFace42M scale (`python -m data_pipelines.bench_index`)",
+            "### Index memory at WebFace42M scale (`python -m pfc_ds.bench.index`)",
             "",
             f"Machine: {notes['machine']}. Measured {notes['when']} UTC; 1-minute load average "
             f"{notes['load'][0]:.1f}–{notes['load'][1]:.1f} during the run (2 cores shared with "
@@ -329,7 +328,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m data_pipelines.bench_index", description=__doc__.splitlines()[0]
+        prog="python -m pfc_ds.bench.index", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--records", type=int, default=42_000_000, help="image records")
     ap.add_argument("--identities", type=int, default=2_000_000)
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         prefix, cache, rank, world, batch = args.rank_worker
         rank_main(prefix, cache, int(rank), int(world), int(batch))
         return
-    from .cache import open_index
+    from data_pipelines.cache import open_index
 
     work = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.workdir))
     try:
@@ -403,9 +402,9 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(body)
     if not args.no_write:
-        from .bench import write_section
+        from pfc_ds.bench.sections import write_section
 
-        write_section(Path(args.benchmarks), body, BEGIN, END)
+        write_section("index", body, args.benchmarks)
         print(f"wrote the index section of {args.benchmarks}", file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """Trainer throughput: the demo config at W=1 and W=2, and (with a GPU) iresnet50 at 1M ids.
 
-    python -m pfc_ds.train.bench            # measure, print, rewrite BENCHMARKS.md's trainer section
-    python -m pfc_ds.train.bench --gpu      # the GPU run: r50, fp16, ZeRO-2, 1M ids, r = 0.1
+    python -m pfc_ds.bench.trainer            # measure, print, rewrite BENCHMARKS.md's trainer section
+    python -m pfc_ds.bench.trainer --gpu      # the GPU run: r50, fp16, ZeRO-2, 1M ids, r = 0.1
 
 Every run goes through ``torchrun ... train.py`` exactly as a user would launch it; the numbers
 come from the runs' ``metrics.jsonl``: medians of img/s and of the per-step time split over the
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -23,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pfc_ds.bench.sections import write_section
+
 ROOT = Path(__file__).resolve().parents[2]
-BEGIN, END = "<!-- BEGIN trainer -->", "<!-- END trainer -->"
 PHASES = ("data", "backbone", "head", "optimizer")
 
 
@@ -131,15 +131,6 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def write_section(body: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text()
-    section = f"{BEGIN}\n{body}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} section")
-    path.write_text(pattern.sub(lambda _: section, text))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=200)
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
     parts = [
-        "## Trainer (`python -m pfc_ds.train.bench`)",
+        "## Trainer (`python -m pfc_ds.bench.trainer`)",
         "",
         "### CPU",
         "",
@@ -162,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
     if not args.no_write:
-        write_section(body)
+        write_section("trainer", body)
     return 0
 
 
