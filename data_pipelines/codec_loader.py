@@ -21,24 +21,20 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .feeder import Batch, Feeder
+from .feeder import Batch
 from .imgcodec import JpegDecoder
 from .jpeg import decode_error
-from .loader import Loader
 from .params import active_params
 from .sources import DataError, FolderDataset, RecDataset, mismatch_message, undecodable_message
+from .stream_loader import StreamLoader
 from .torch_augment import augment_batch
 
 
-class CodecLoader(Loader):
+class CodecLoader(StreamLoader):
     """``external`` sample order, nvImageCodec decode, torch augmentation."""
 
     def __init__(self, cfg: DataConfig, dataset: RecDataset | FolderDataset, **kw: Any) -> None:
-        super().__init__(cfg, num_classes=dataset.num_classes, num_images=dataset.num_images, **kw)
-        self.dataset = dataset
-        self.skipped = len(dataset.skipped)
-        self.label_map_path = dataset.label_map_path
-        self.plan = self._shard_plan()
+        super().__init__(cfg, dataset, **kw)
         self._decoder = JpegDecoder(self.device, cfg.num_threads)
         self._names = active_params(cfg.dali_aug)
         gpu = self.device.type == "cuda"
@@ -46,22 +42,10 @@ class CodecLoader(Loader):
         # the training thread's stream (this constructor runs on it), and the decode stream
         self._consumer = torch.cuda.current_stream(self.device) if gpu else None
         self._side = torch.cuda.Stream(self.device) if gpu else None
-        self._feeder: Feeder | None = None
-        self._stream: tuple[int, int, int] | None = None  # (epoch, start, step) taken next
-
-    def _steps_from(self, start: int) -> int:
-        return self.plan.steps(start)
 
     def _open_epoch(self) -> None:
-        if self._feeder is not None and self._stream == (self.epoch, self._start, self._step):
-            return  # the running stream is already here: the previous epoch ran to its end
-        self._shutdown()
-        self._feeder = Feeder(
-            self.plan, self.dataset.read_batch, epoch=self.epoch,
-            start=self._start, seed=self.seed, aug=self.cfg.dali_aug, mirror=self.cfg.mirror,
-            depth=self.cfg.prefetch, prepare=self._prepare,
-        )  # fmt: skip
-        self._stream = (self.epoch, self._start, self._step)
+        if not self._stream_is_here():
+            self._start_stream(self.cfg.prefetch, prepare=self._prepare)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         assert self._feeder is not None and self._stream is not None
@@ -70,9 +54,7 @@ class CodecLoader(Loader):
         except DataError:
             self._shutdown()  # the stream stopped at the bad batch; rebuilt on the next call
             raise
-        epoch, start, step = self._stream
-        step += 1
-        self._stream = (epoch, start, step) if step < self.plan.steps(start) else (epoch + 1, 0, 0)
+        self._advance_stream()
         return images, labels, valid
 
     # -- on the feeder thread ------------------------------------------------------------------
@@ -123,9 +105,3 @@ class CodecLoader(Loader):
         """Stop the decode thread now (it also stops at exit); the loader reopens on use."""
         self._close()
         self._shutdown()
-
-    def _shutdown(self) -> None:
-        """Stop the stream: the feeder's thread."""
-        if self._feeder is not None:
-            self._feeder.close()
-        self._feeder = self._stream = None

@@ -16,9 +16,7 @@ import torch
 
 from .config import DataConfig
 from .dali import start_pipeline, to_torch
-from .feeder import Feeder
 from .jpeg import decode_error, image_size
-from .loader import Loader
 from .sources import (
     DataError,
     FolderDataset,
@@ -26,35 +24,21 @@ from .sources import (
     mismatch_message,
     undecodable_message,
 )
+from .stream_loader import StreamLoader
 
 
-class ExternalLoader(Loader):
+class ExternalLoader(StreamLoader):
     """``external`` reader: our ``ShardPlan`` picks the samples, DALI decodes and augments."""
 
     def __init__(self, cfg: DataConfig, dataset: RecDataset | FolderDataset, **kw: Any) -> None:
-        super().__init__(cfg, num_classes=dataset.num_classes, num_images=dataset.num_images, **kw)
-        self.dataset = dataset
-        self.skipped = len(dataset.skipped)
-        self.label_map_path = dataset.label_map_path
-        self.plan = self._shard_plan()
+        super().__init__(cfg, dataset, **kw)
         self._pipe = None
-        self._feeder: Feeder | None = None
-        self._stream: tuple[int, int, int] | None = None  # (epoch, start, step) DALI yields next
-
-    def _steps_from(self, start: int) -> int:
-        return self.plan.steps(start)
 
     def _open_epoch(self) -> None:
-        if self._pipe is not None and self._stream == (self.epoch, self._start, self._step):
-            return  # the running stream is already here: the previous epoch ran to its end
-        self._shutdown()
-        self._feeder = Feeder(
-            self.plan, self.dataset.read_batch, epoch=self.epoch,
-            start=self._start, seed=self.seed, aug=self.cfg.dali_aug, mirror=self.cfg.mirror,
-            depth=self.cfg.prefetch + 2,
-        )  # fmt: skip
-        self._pipe = start_pipeline(self, feed=self._feeder.take, reader=None)
-        self._stream = (self.epoch, self._start, self._step)
+        if self._pipe is not None and self._stream_is_here():
+            return
+        feeder = self._start_stream(self.cfg.prefetch + 2)
+        self._pipe = start_pipeline(self, feed=feeder.take, reader=None)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         try:
@@ -67,11 +51,7 @@ class ExternalLoader(Loader):
             self._shutdown()  # the pipeline is dead after a DALI error; rebuilt on the next call
             raise DataError(message) from exc
         self.skipped = len(self.dataset.skipped)  # grows when a bad record is first read
-        epoch, start, step = self._stream
-        valid = self.plan.valid(start, step)
-        step += 1
-        self._stream = (epoch, start, step) if step < self.plan.steps(start) else (epoch + 1, 0, 0)
-        return (*to_torch(images, labels, self.device), valid)
+        return (*to_torch(images, labels, self.device), self._advance_stream())
 
     def _diagnose(self, step: int) -> str:
         """Name the undecodable or mismatched samples near ``step`` (DALI's error does not)."""
@@ -101,6 +81,5 @@ class ExternalLoader(Loader):
 
     def _shutdown(self) -> None:
         """Stop the stream: the feeder's thread and the pipeline."""
-        if self._feeder is not None:
-            self._feeder.close()
-        self._feeder = self._pipe = self._stream = None
+        super()._shutdown()
+        self._pipe = None

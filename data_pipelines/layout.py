@@ -72,34 +72,16 @@ def _build(
             f"`python -m data_pipelines.index {rec} --force`"
         )
     lo_a = int(_bounds(np.array([a]))[0][0])  # the least key that rounds to a
-    tail = []  # offsets of keys lo_a..M-1: the last images and the identity records
-    pos, last = 0, -1
-    for keys, offs in recordio.iter_index(idx):
-        n = keys.size
-        if n == 0:
-            continue
-        if not np.array_equal(keys, np.arange(pos, pos + n)) or offs[0] <= last:
-            log.info("%s: keys are not 0, 1, 2, ... in file order; scanning every record", idx)
-            return None
-        if bool((np.diff(offs) <= 0).any()):
-            log.info("%s: offsets are not ascending; scanning every record", idx)
-            return None
-        lo, hi = max(1, pos), min(lo_a, pos + n)
-        if hi > lo:
-            out.append("keys", np.arange(lo, hi))
-            out.append("offsets", offs[lo - pos : hi - pos])
-        start = max(lo_a, pos)
-        if pos + n > start:
-            tail.append(offs[start - pos :])
-        pos, last = pos + n, int(offs[-1])
-    m = pos
+    streamed = _stream_index(idx, lo_a, out)
+    if streamed is None:
+        return None
+    m, tail_offs = streamed
     if np.float32(m) != np.float32(b):
         raise LayoutError(
             f"{where0}: says the file holds {b:.0f} records (images 1..{a - 1:.0f}, identity "
             f"records {a:.0f}..{b - 1:.0f}) but {idx} lists {m}: a truncated .idx, or one of "
             "another file"
         )
-    tail_offs = np.concatenate(tail) if tail else np.zeros(0, np.int64)
     first_id, read = _first_identity(rm, a, lo_a, m, tail_offs, where0)
     if first_id is None or first_id >= m:
         return None  # an unreadable record there (the scan names it), or no identity records
@@ -125,11 +107,52 @@ def _build(
             f"ends at byte {end} but the file holds {rm.size} bytes: the .idx is truncated or "
             "belongs to another file"
         )
+    settled = _write_labels(rec, rm, out, starts, first_id)
+    if settled is None:
+        return None  # an unreadable image record among the window records: the scan names it
+    read += settled
+    declared = property_classes(prefix) or int(starts.size)
+    return meta_of([], (first_id, m), declared, m, INSIGHTFACE, records_read=read)
+
+
+def _stream_index(idx: str, lo_a: int, out: TableWriter) -> tuple[int, np.ndarray] | None:
+    """Stream the ``.idx``: image keys ``1..lo_a-1`` and their offsets into ``out`` chunk by
+    chunk; returns ``(records listed, offsets of keys lo_a..)``, or ``None`` when keys or offsets
+    are not in file order (then every record is scanned)."""
+    tail = []  # offsets of keys lo_a..M-1: the last images and the identity records
+    pos, last = 0, -1
+    for keys, offs in recordio.iter_index(idx):
+        n = keys.size
+        if n == 0:
+            continue
+        if not np.array_equal(keys, np.arange(pos, pos + n)) or offs[0] <= last:
+            log.info("%s: keys are not 0, 1, 2, ... in file order; scanning every record", idx)
+            return None
+        if bool((np.diff(offs) <= 0).any()):
+            log.info("%s: offsets are not ascending; scanning every record", idx)
+            return None
+        lo, hi = max(1, pos), min(lo_a, pos + n)
+        if hi > lo:
+            out.append("keys", np.arange(lo, hi))
+            out.append("offsets", offs[lo - pos : hi - pos])
+        start = max(lo_a, pos)
+        if pos + n > start:
+            tail.append(offs[start - pos :])
+        pos, last = pos + n, int(offs[-1])
+    tail_offs = np.concatenate(tail) if tail else np.zeros(0, np.int64)
+    return pos, tail_offs
+
+
+def _write_labels(
+    rec: str, rm: recordio.FileMap, out: TableWriter, starts: np.ndarray, first_id: int
+) -> int | None:
+    """Every image's label into ``out`` from the identity ranges, reading the records around
+    each float32-rounded bound (``window_keys``) to settle them exactly; the records read, or
+    ``None`` when one of those is unreadable."""
     wkeys = window_keys(starts, first_id)
     wlabels = _window_labels(rm, out.column("offsets"), wkeys)
     if wlabels is None:
         return None  # an unreadable image record among them: the scan names it
-    read += wkeys.size
     lo_s, hi_s = _bounds(starts)
     bad = check_window_labels(wkeys, wlabels, lo_s, hi_s)
     if bad is not None:
@@ -154,8 +177,7 @@ def _build(
             )
         previous = int(labels[-1])
         out.append("labels", labels)
-    declared = property_classes(prefix) or int(starts.size)
-    return meta_of([], (first_id, m), declared, m, INSIGHTFACE, records_read=read)
+    return int(wkeys.size)
 
 
 def _heads(rm: recordio.FileMap, offsets: np.ndarray) -> np.ndarray:

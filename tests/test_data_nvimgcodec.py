@@ -264,10 +264,12 @@ def test_decodes_off_the_training_thread_with_one_stream_across_epochs(
         return decode(self, jpegs, stream)
 
     feeders = []
-    feeder = codec_loader.Feeder
+    from data_pipelines import stream_loader
+
+    feeder = stream_loader.Feeder
     monkeypatch.setattr(imgcodec.JpegDecoder, "decode", spy)
     monkeypatch.setattr(
-        codec_loader, "Feeder", lambda *a, **k: feeders.append(1) or feeder(*a, **k)
+        stream_loader, "Feeder", lambda *a, **k: feeders.append(1) or feeder(*a, **k)
     )
     loader = build_loader(cfg, batch_size=8, rank=0, world_size=1, device="cpu")
     epochs = [[decode_ids(x).tolist() for x, _ in loader] for _ in range(3)]

@@ -34,7 +34,7 @@ def yaml_keys() -> set[str]:
     for section in dataclasses.fields(config.Config):
         cls = section.default_factory
         for f in dataclasses.fields(cls):
-            if cls is config.DataConfig and f.name == config_doc.PIPELINE_FIELD:
+            if cls is config.DataSection and f.name == config_doc.PIPELINE_FIELD:
                 continue
             keys.add(f"{section.name}.{f.name}")
     keys |= {f"data.{f.name}" for f in dataclasses.fields(PipelineConfig)}

@@ -196,30 +196,12 @@ def offload_line(args, where: dict[str, float], world: int) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.worker:
-        from pfc_ds.scale.sweep import worker_main
+def sweep_points(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Every (world size, sample rate, ids) point of the sweep that fits: its measured record;
+    and why each other point was skipped."""
+    from pfc_ds.scale.sweep import head_point, point_label, run_point, too_big, training_point
 
-        worker_main(json.loads(args.worker), args.worker_out)
-        return 0
-    resolve(args)
-    if args.model:
-        print(model_report(args))
-        return 0
-
-    from pfc_ds.scale import report
-    from pfc_ds.scale.sweep import (
-        bisect_budget,
-        head_point,
-        point_label,
-        run_point,
-        too_big,
-        training_point,
-    )
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    records, budget, skipped = [], None, []
+    records, skipped = [], []
     for world in args.world_size:
         for rate in args.sample_rates:
             for ids in args.ids:
@@ -252,6 +234,27 @@ def main(argv: list[str] | None = None) -> int:
                     f"(model {rec['predicted_mem_mb']:.0f}), build {rec['build_s']:.1f} s",
                     flush=True,
                 )
+    return records, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.worker:
+        from pfc_ds.scale.sweep import worker_main
+
+        worker_main(json.loads(args.worker), args.worker_out)
+        return 0
+    resolve(args)
+    if args.model:
+        print(model_report(args))
+        return 0
+
+    from pfc_ds.scale import report
+    from pfc_ds.scale.sweep import bisect_budget, head_point
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    records, skipped = sweep_points(args)
+    budget = None
     if args.budget_gb is not None:
         world, rate = args.world_size[0], args.sample_rates[0]
         base = head_point(args, args.ids[0], rate, world)

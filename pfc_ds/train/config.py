@@ -70,7 +70,11 @@ class HeadConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
+    """The ``data:`` section: the source, and the built-in synthetic source's keys. For ``rec``
+    and ``folder`` every other key goes to ``data_pipelines.config.DataConfig`` (``pipeline``,
+    checked there: ``pipeline_config``)."""
+
     source: str = "synthetic"
     # The head's class count. rec/folder: defaults to the data set's declared count (property,
     # header or folder count); synthetic: required.
@@ -78,7 +82,7 @@ class DataConfig:
     num_images: int = 100_000  # one epoch; synthetic: how many global sample indices
     image_size: int = 112
     seed: int = 0
-    # rec/folder: every other key under `data:` goes to data_pipelines.config.DataConfig.
+    # rec/folder: every other key under `data:` goes to data_pipelines.config.DataSection.
     pipeline: dict = field(default_factory=dict)
 
 
@@ -141,7 +145,7 @@ class EvalConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -218,7 +222,7 @@ class Config:
         if self.data.source == "synthetic" and self.data.pipeline:
             raise ConfigError(
                 f"data.{next(iter(self.data.pipeline))} is not a key of the synthetic source; "
-                f"allowed: {', '.join(_field_names(DataConfig, skip=('pipeline',)))}"
+                f"allowed: {', '.join(_field_names(DataSection, skip=('pipeline',)))}"
             )
         if self.eval.every < 0 or self.eval.synthetic_pairs < 0:
             raise ConfigError("eval.every and eval.synthetic_pairs must be >= 0")
@@ -310,8 +314,8 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     extra: dict[str, Any] = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
-        if key not in names or (cls is DataConfig and key == "pipeline"):
-            if cls is DataConfig:
+        if key not in names or (cls is DataSection and key == "pipeline"):
+            if cls is DataSection:
                 extra[key] = value  # rec/folder pipeline options, checked by data_pipelines
                 continue
             raise ConfigError(f"unknown key {path!r}; allowed: {', '.join(names)}")
@@ -366,7 +370,7 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{path} must be {want}, got {value!r}")
 
 
-def pipeline_config(d: DataConfig):
+def pipeline_config(d: DataSection):
     """``data_pipelines``' config for a rec/folder ``data:`` section (its keys checked there;
     an unknown or bad one raises ``ConfigError`` naming it). Imports no DALI."""
     from data_pipelines.config import DataConfig as PipelineConfig

@@ -310,9 +310,9 @@ def entries() -> list[Entry]:
     out: list[Entry] = []
     for f in dataclasses.fields(train_config.Config):
         cls = f.default_factory
-        if cls is train_config.DataConfig:
+        if cls is train_config.DataSection:
             if PIPELINE_FIELD not in {g.name for g in dataclasses.fields(cls)}:
-                raise RuntimeError(f"config_doc: DataConfig.{PIPELINE_FIELD} is gone")
+                raise RuntimeError(f"config_doc: DataSection.{PIPELINE_FIELD} is gone")
             mine = _entries_of(cls, "data", {PIPELINE_FIELD}, rules, fallback=pipeline.DataConfig)
             shared = {e.key.split(".", 1)[1] for e in mine}
             out += mine
