@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 2 train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/cpu.json
     ./train.sh configs/demo_cpu.yaml        # picks the launcher, ranks and threads for you
 
-Exit status: 0 done, 2 a bad config, data or checkpoint (one line), 3 training diverged, 75 a
-peer rank died or hung (resume from the last checkpoint), 143 stopped by SIGTERM/SIGINT after a
-checkpoint. Everything else lives in pfc_ds.train; this file only parses arguments.
+Exit status: 0 done, 2 a bad config, data, checkpoint or network interface (one line), 3
+training diverged, 75 a peer rank died, hung or could not connect (resume from the last
+checkpoint), 143 stopped by SIGTERM/SIGINT after a checkpoint. Everything else lives in
+pfc_ds.train; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_rank_logging(rank)
     from pfc_ds.train import USER_ERRORS, Trainer
     from pfc_ds.train.divergence import DivergenceError
+    from pfc_ds.train.network import GlooInterfaceError
     from pfc_ds.train.peers import EXIT_CODE, PeerFailure
 
     try:
         cfg = config_from_args(args)
         trainer = Trainer(cfg, ds_config=args.deepspeed_config, resume=args.resume)
         trainer.fit(stop_at=args.max_steps)
+    except GlooInterfaceError as exc:
+        # The same verdict on every rank, but each node's log needs it: its first rank prints.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except USER_ERRORS as exc:
         # The same bad key or file on every rank: one line from rank 0, no traceback.
         if rank == 0:

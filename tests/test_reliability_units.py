@@ -102,6 +102,7 @@ def test_nonfinite_weights_checks_every_tensor_once():
         ("train.save_failure=ignore", "train.save_failure='ignore' is not allowed; allowed: error"),
         ("train.on_divergence=retry", "train.on_divergence='retry' is not allowed; allowed: stop"),
         ("train.collective_timeout_s=0", "train.collective_timeout_s must be > 0, got 0.0"),
+        ("train.connect_timeout_s=-1", "train.connect_timeout_s must be > 0, got -1.0"),
         ("train.rollback_lr_factor=1.5", "train.rollback_lr_factor must be in (0, 1], got 1.5"),
         ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be >= 1, got 0"),
         ("train.keep_last=-1", "train.keep_last must be >= 0, got -1"),

@@ -116,6 +116,10 @@ class TrainConfig:
     # Seconds a collective waits for a dead or hung peer before every survivor exits naming the
     # step and the rank (the process groups' timeout).
     collective_timeout_s: float = 600.0
+    # Seconds a gloo group (the default one on CPU, the side group next to NCCL) may take to
+    # connect once every rank has arrived; a rank that cannot reach another fails every node
+    # within it (at most collective_timeout_s). See docs/multinode.md.
+    connect_timeout_s: float = 30.0
     # Resume from the newest verified checkpoint in the output folder without --resume (a job
     # restarted by torchrun --max-restarts, or resubmitted, continues by itself).
     auto_resume: bool = False
@@ -251,6 +255,7 @@ class Config:
         for key, value, ok, want in (
             ("train.max_consecutive_skips", t.max_consecutive_skips, lambda v: v >= 1, ">= 1"),
             ("train.collective_timeout_s", t.collective_timeout_s, lambda v: v > 0, "> 0"),
+            ("train.connect_timeout_s", t.connect_timeout_s, lambda v: v > 0, "> 0"),
             ("train.rollback_lr_factor", t.rollback_lr_factor, lambda v: 0 < v <= 1, "in (0, 1]"),
             ("train.save_every", t.save_every, lambda v: v >= 0, ">= 0"),
             ("train.keep_last", t.keep_last, lambda v: v >= 0, ">= 0"),

@@ -7,8 +7,10 @@ own segment as soon as every rank has mapped all of them: the mappings stay vali
 nothing is left behind however the process ends (error, signal, even SIGKILL).
 
 Every process group gets ``train.collective_timeout_s`` (``peers.group_timeout``): the default
-one through ``deepspeed.init_distributed``, the groups DeepSpeed clones later (ZeRO's
-data-parallel group) through torch's default, which would otherwise be 30 minutes for gloo.
+one when it is made, the groups DeepSpeed clones later (ZeRO's data-parallel group) through
+torch's default, which would otherwise be 30 minutes for gloo. A gloo group pfc_ds opens itself
+(the default one on CPU, the side group next to NCCL) first agrees on its network interface and
+connects under ``train.connect_timeout_s`` (``network``), then gets the collective timeout.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from pfc_ds.train import network
+from pfc_ds.train.network import CONNECT_TIMEOUT_S
+from pfc_ds.train.peers import group_timeout
+
+if TYPE_CHECKING:
+    from pfc_ds.train.faults import Faults
 
 log = logging.getLogger("pfc_ds.train")
 
@@ -29,31 +39,39 @@ SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+def init_distributed(
+    timeout_s: float | None = None,
+    *,
+    connect_timeout_s: float | None = None,
+    faults: Faults | None = None,
+) -> tuple[int, int]:
     """Initialise (or adopt an initialised) process group through DeepSpeed; ``(rank, world)``.
 
     ``timeout_s``: how long a collective waits for a peer before it fails (every group, gloo and
-    NCCL). ``None`` keeps DeepSpeed's default.
+    NCCL). ``None`` keeps DeepSpeed's default. ``connect_timeout_s``: how long a gloo group may
+    take to connect once every rank has arrived (``network``; default 30 s, at most
+    ``timeout_s``). ``faults``: the ``gloo_loopback`` test fault.
     """
     use_venv_extension_cache()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     _note_first_compile()
+    backend = get_accelerator().communication_backend_name()
     kwargs = {}
     if timeout_s is not None:
-        from pfc_ds.train.peers import group_timeout
-
-        backend = get_accelerator().communication_backend_name()
         timeout = group_timeout(backend, timeout_s)
         # NCCL's asynchronous error handling stays torch's default (3: tear the process down
         # on a timed-out collective), which the dead-peer handling relies on.
         set_group_timeouts(timeout)
         kwargs["timeout"] = timeout
-    _init_under_torchelastic(kwargs.get("timeout"))
+    # Before any group: torch reads GLOO_SOCKET_IFNAME when it builds a gloo group.
+    network.choose_interface(force_source=faults.gloo_source() if faults else None)
+    connect_s = connect_timeout_s if connect_timeout_s is not None else CONNECT_TIMEOUT_S
+    _init_default_group(backend, kwargs.get("timeout"), connect_s)
     deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), **kwargs)
     if timeout_s is not None:
-        set_group_timeouts(kwargs["timeout"])  # a group adopted from the caller (tests)
+        set_group_timeouts(kwargs["timeout"])  # our gloo group's connect timeout, or the caller's
     rank, world = dist.get_rank(), dist.get_world_size()
     if _uses_shm_comm():
         dist.barrier()  # every rank has mapped every segment once initialize() returned
@@ -61,51 +79,76 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     return rank, world
 
 
-def _init_under_torchelastic(timeout: timedelta | None) -> None:
-    """Create the default group in a per-attempt namespace of torchrun's store.
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _init_default_group(backend: str, timeout: timedelta | None, connect_s: float) -> None:
+    """Create the default group ourselves: under torchrun in a per-attempt namespace of its
+    store, and for gloo with the agreed interface and a connect timeout of its own.
 
     torchrun's agent keeps one TCPStore for all restarts (``--max-restarts``), and torch 2.13's
     ``env://`` rendezvous adds no per-attempt prefix (``rendezvous.py`` assumes a new store per
     retry). A restarted group then reads the dead attempt's gloo addresses: "Connection
     refused", or a hang when a port was reused (measured: 3 restarts in 4 failed). DeepSpeed
     adopts a group that exists, so we make it here, as torch would but under
-    ``pfc_ds/attempt_<TORCHELASTIC_RESTART_COUNT>/``.
+    ``pfc_ds/attempt_<TORCHELASTIC_RESTART_COUNT>/``. Without torchrun's store (ranks started
+    by hand or by another launcher) a gloo group gets the ``env://`` store torch itself would
+    make; an NCCL one is left to DeepSpeed.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+    if dist.is_initialized() or not all(k in os.environ for k in _ENV):
         return
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not agent and backend != "gloo":
+        return
     timeout = timeout or c10d_default_timeout()
-    world = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world,
-        is_master=False,
-        timeout=timeout,
-    )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    backend = get_accelerator().communication_backend_name()
-    kwargs = {}
-    if backend == "nccl" and world > 1:  # as DeepSpeed does: bind the device for NCCL
-        kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(f"pfc_ds/attempt_{attempt}/", store),
-        rank=int(os.environ["RANK"]),
-        world_size=world,
-        timeout=timeout,
-        **kwargs,
-    )
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if agent:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timeout,
+        )
+        store = dist.PrefixStore(f"pfc_ds/attempt_{attempt}/", agent_store)
+    else:
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        store.set_timeout(timeout)
+    if backend != "gloo":
+        kwargs = {}
+        if backend == "nccl" and world > 1:  # as DeepSpeed does: bind the device for NCCL
+            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs
+        )
+        return
+    with network.Connecting(store, "default", rank, world, timeout, connect_s) as connect:
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=connect.connect_timeout
+        )
+    set_group_timeouts(timeout)  # connected: collectives get the full timeout
 
 
-def control_group(timeout_s: float):
+def control_group(timeout_s: float, connect_timeout_s: float = CONNECT_TIMEOUT_S):
     """The group for host-side agreement (stop requests, file lists, checks): the default group
     under gloo, a gloo side group next to NCCL, so it never waits for the GPU's queued work."""
     if dist.get_backend() == "gloo":
         return None
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return gloo_side_group(timeout_s, connect_timeout_s)
+
+
+def gloo_side_group(timeout_s: float, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+    """A gloo group of every rank next to the default one, connected as the default gloo group
+    is (``network``): the interface agreed through the default store, a connect timeout of its
+    own, then ``timeout_s`` for its collectives."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with network.Connecting(store, "control", rank, world, timeout, connect_timeout_s) as connect:
+        group = dist.new_group(backend="gloo", timeout=connect.connect_timeout)
+    dist.distributed_c10d._set_pg_timeout(timeout, group)
+    return group
 
 
 def compute_device() -> torch.device:

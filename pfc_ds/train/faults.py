@@ -12,6 +12,9 @@ Faults are ``kind:key=value,...`` separated by ``;``::
                                      after the head's backward (the backbone's stays finite)
     enospc:file=head_shard,step=4    writing a checkpoint file whose name holds ``head_shard``
                                      (of step 4; any step if no step) fails with ENOSPC
+    gloo_loopback:rank=1             rank 1 takes 127.0.0.1 as its route to MASTER_ADDR, so the
+                                     gloo interface pick lands on loopback (what gloo's hostname
+                                     rule does under Debian's /etc/hosts)
 
 A fault fires only in launch attempt ``attempt`` (default 0, matched against torchrun's
 ``TORCHELASTIC_RESTART_COUNT``), and a step's fault at most once per process, so a restarted or
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 ENV = "PFC_DS_FAULT"
-KINDS = ("save_delay", "hang", "kill", "nan", "head_inf", "enospc")
+KINDS = ("save_delay", "hang", "kill", "nan", "head_inf", "enospc", "gloo_loopback")
 
 
 def _parse(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -123,3 +126,10 @@ class Faults:
             if kind == "save_delay" and int(p.get("step", step)) == step:
                 self._say(f"wrote {path.name} (step {step})")
                 time.sleep(float(p.get("seconds", 1)))
+
+    def gloo_source(self) -> str | None:
+        """The local address to take for the route to ``MASTER_ADDR`` (``gloo_loopback``)."""
+        if any(kind == "gloo_loopback" for kind, _ in self.faults):
+            self._say("takes 127.0.0.1 as its route to MASTER_ADDR")
+            return "127.0.0.1"
+        return None

@@ -102,8 +102,12 @@ class Trainer:
         """Process groups, GPU switches, fault injection, the checkpointer."""
         t = self.cfg.train
         backends.configure(tf32=t.tf32, deterministic=t.deterministic)
-        self.rank, self.world_size = init_distributed(t.collective_timeout_s)
-        self._control_group = control_group(t.collective_timeout_s)
+        # Before the groups exist, the rank is torchrun's (the gloo_loopback fault needs it).
+        early = faults if faults is not None else Faults.from_env(int(os.environ.get("RANK", "0")))
+        self.rank, self.world_size = init_distributed(
+            t.collective_timeout_s, connect_timeout_s=t.connect_timeout_s, faults=early
+        )
+        self._control_group = control_group(t.collective_timeout_s, t.connect_timeout_s)
         self.faults = faults if faults is not None else (Faults.from_env(self.rank) or None)
         self.checkpointer = Checkpointer(self.output, t, rank=self.rank,
                                          group=self._control_group, faults=self.faults)  # fmt: skip
