@@ -130,6 +130,11 @@ def _init_default_group(backend: str, timeout: timedelta | None, connect_s: floa
     set_group_timeouts(timeout)  # connected: collectives get the full timeout
 
 
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (before any group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def control_group(timeout_s: float, connect_timeout_s: float = CONNECT_TIMEOUT_S):
     """The group for host-side agreement (stop requests, file lists, checks): the default group
     under gloo, a gloo side group next to NCCL, so it never waits for the GPU's queued work."""

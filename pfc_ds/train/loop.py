@@ -34,7 +34,7 @@ from pfc_ds.train.build import (
 )
 from pfc_ds.train.checkpointer import Checkpointer, run_meta, schedule_state, warn_changed_run
 from pfc_ds.train.config import Config, ConfigError
-from pfc_ds.train.distributed import compute_device, control_group, init_distributed
+from pfc_ds.train.distributed import compute_device, control_group, env_rank, init_distributed
 from pfc_ds.train.divergence import Rollback, ScaleGuard, decide, nonfinite_model
 from pfc_ds.train.engine import (
     Lockstep,
@@ -102,13 +102,12 @@ class Trainer:
         """Process groups, GPU switches, fault injection, the checkpointer."""
         t = self.cfg.train
         backends.configure(tf32=t.tf32, deterministic=t.deterministic)
-        # Before the groups exist, the rank is torchrun's (the gloo_loopback fault needs it).
-        early = faults if faults is not None else Faults.from_env(int(os.environ.get("RANK", "0")))
+        # The launcher's RANK: the gloo_loopback fault acts before the groups exist.
+        self.faults = faults if faults is not None else Faults.from_env(env_rank()) or None
         self.rank, self.world_size = init_distributed(
-            t.collective_timeout_s, connect_timeout_s=t.connect_timeout_s, faults=early
+            t.collective_timeout_s, connect_timeout_s=t.connect_timeout_s, faults=self.faults
         )
         self._control_group = control_group(t.collective_timeout_s, t.connect_timeout_s)
-        self.faults = faults if faults is not None else (Faults.from_env(self.rank) or None)
         self.checkpointer = Checkpointer(self.output, t, rank=self.rank,
                                          group=self._control_group, faults=self.faults)  # fmt: skip
 
@@ -159,16 +158,11 @@ class Trainer:
 
     def _make_lockstep(self) -> Lockstep:
         """A fresh lockstep (no deferred flags) at the base LRs times ``_lr_factor``."""
-        lrs = (self.cfg.optim.lr, self.cfg.head_optimizer()[1]["lr"])
-        return Lockstep(
-            self.engine,
-            self.head,
-            self.head_optimizer,
-            self.schedule,
-            (lrs[0] * self._lr_factor, lrs[1] * self._lr_factor),
-            prefetch=self.cfg.head.bank_prefetch,
-            head_inf=self.faults.head_inf if self.faults is not None else None,
-        )
+        lrs = (self.cfg.optim.lr * self._lr_factor,
+               self.cfg.head_optimizer()[1]["lr"] * self._lr_factor)  # fmt: skip
+        head_inf = self.faults.head_inf if self.faults is not None else None
+        return Lockstep(self.engine, self.head, self.head_optimizer, self.schedule, lrs,
+                        prefetch=self.cfg.head.bank_prefetch, head_inf=head_inf)  # fmt: skip
 
     def _agree(self, problem: str | None, error: type[Exception]) -> None:
         """Raise ``error`` on every rank if any rank found ``problem`` (the lowest rank's)."""
