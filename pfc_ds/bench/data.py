@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         body = table(run(args, prefix), args, scan.num_images, float(scan.image_len.mean()) / 1000)
     print(body)
     if not args.no_write:
-        write_section("data", body, args.benchmarks)
-        print(f"wrote the data section of {args.benchmarks}", file=sys.stderr)
+        write_section("data", body, args.benchmarks, say=True)
 
 
 if __name__ == "__main__":

@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         from pfc_ds.bench.sections import write_section
 
-        write_section("index", body, args.benchmarks)
-        print(f"wrote the index section of {args.benchmarks}", file=sys.stderr)
+        write_section("index", body, args.benchmarks, say=True)
 
 
 if __name__ == "__main__":

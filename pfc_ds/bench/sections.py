@@ -7,14 +7,18 @@ outside the markers). Imports nothing heavy: the data benchmarks' ranks use it t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
 
-def write_section(name: str, body: str, path: Path | str = BENCHMARKS) -> None:
+def write_section(
+    name: str, body: str, path: Path | str = BENCHMARKS, *, say: bool = False
+) -> None:
     """Replace section ``name``'s text in ``path`` with ``body`` (``ValueError`` naming the
-    markers if the file lacks them: a section is added by hand, once, where it belongs)."""
+    markers if the file lacks them: a section is added by hand, once, where it belongs).
+    ``say``: print that it did, on stderr (a benchmark's stdout carries only its table)."""
     path = Path(path)
     text = path.read_text()
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
@@ -23,3 +27,5 @@ def write_section(name: str, body: str, path: Path | str = BENCHMARKS) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+    if say:
+        print(f"wrote the {name} section of {path}", file=sys.stderr)
