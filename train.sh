@@ -17,10 +17,12 @@
 # checkpoint at the same step and the script exits 143; `--resume` continues from there. A second
 # signal during that checkpoint exits at once and keeps the previous one. For automatic restarts
 # after a dead rank, use torchrun --max-restarts N with --set train.auto_resume=true (README).
+# An OUTPUT that holds a run's checkpoints is refused before any rank starts unless --resume
+# continues it or --overwrite starts over (the old run's files move to OUTPUT/replaced/<time>/).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 cd "$(dirname "$0")"
@@ -72,7 +74,8 @@ if [[ " ${launcher_args[*]+"${launcher_args[*]}"} " != *" --master_port"* ]]; th
     launcher_args+=(--master_port "$port")
 fi
 
-# One clear line for a bad key, value or file, before any rank starts.
+# One clear line for a bad key, value or file, or an output folder holding another run's
+# checkpoints, before any rank starts.
 "$PYTHON" -m pfc_ds.train.cli --config "$config" "${ds_args[@]+"${ds_args[@]}"}" \
     "${train_args[@]+"${train_args[@]}"}" || exit $?
 

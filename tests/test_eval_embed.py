@@ -224,3 +224,57 @@ def test_zero3_partitioned_models_run_under_no_grad() -> None:
     embed_images(probe, images)
     # inference tensors would break the next ZeRO-3 training backward, so no_grad there
     assert probe.modes == [(True, False), (False, False)]
+
+
+def test_embed_landmarks_cli_aligns_each_face(fake_checkpoint: Path, tmp_path: Path, capsys):
+    """``--landmarks``: one line per face (an image may hold two), with or without a trailing
+    detector score; each face is ``norm_crop``-ed with its points, in the file's order."""
+    from pfc_ds.eval.align import ARCFACE_112, norm_crop
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    (root / "g").mkdir(parents=True)
+    images = {
+        "g/one.png": rng.integers(0, 256, (200, 240, 3), dtype=np.uint8),
+        "two.jpg": rng.integers(0, 256, (300, 260, 3), dtype=np.uint8),
+    }
+    for name, img in images.items():
+        Image.fromarray(img).save(root / name)
+    faces = [  # (path, landmarks): a face scaled 1.5x, and two faces in one photo
+        ("g/one.png", ARCFACE_112 * 1.5 + [20.0, 10.0]),
+        ("two.jpg", ARCFACE_112 + np.array([5.0, 7.0])),
+        ("two.jpg", ARCFACE_112[:, ::-1] * [1.0, -1.0] + [100.0, 250.0]),  # rotated 90 degrees
+    ]
+    lines = [f"{n} " + " ".join(f"{v:.3f}" for v in p.ravel()) for n, p in faces]
+    lines[1] += " 0.98"  # insightface's 5pts layout: a detector score at the end
+    marks = tmp_path / "faces.txt"
+    marks.write_text("\n".join(lines) + "\n\n")
+    out = tmp_path / "emb.npy"
+    argv = ["--checkpoint", str(fake_checkpoint), "--folder", str(root), "--output", str(out)]
+    assert embed.main([*argv, "--landmarks", str(marks)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.strip() == (
+        f"3 embeddings of size 32 -> {out}, names in {tmp_path / 'emb.txt'}; each face aligned "
+        f"with its five landmarks from {marks}"
+    )
+    assert (tmp_path / "emb.txt").read_text().splitlines() == [n for n, _ in faces]
+    decoded = {n: np.asarray(Image.open(root / n).convert("RGB")) for n in images}
+    crops = np.stack([norm_crop(decoded[n], np.round(p, 3)) for n, p in faces])
+    np.testing.assert_allclose(np.load(out), _direct(_model(), crops), rtol=1e-5, atol=1e-5)
+
+    cases = [
+        ("g/one.png 1 2 3\n", f"{marks}:1: expected 'path x1 y1 ... x5 y5 [score]', got 4 fields"),
+        ("a 1 2 3 4 5 6 7 8 9 x\n", f"{marks}:1: non-numeric landmark"),
+        ("\n", f"{marks}: no faces listed"),
+        (f"nope.png {' '.join(['1'] * 10)}\n", f"1 of 1 images are missing in {root}"),
+        ("g/one.png " + " ".join(["9"] * 10) + "\n", f"{root / 'g/one.png'} (face 1): landmarks "
+         "are degenerate"),
+    ]  # fmt: skip
+    for text, message in cases:
+        marks.write_text(text)
+        assert embed.main([*argv, "--landmarks", str(marks)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    rec = ["--checkpoint", str(fake_checkpoint), "--rec", str(tmp_path / "x"), "--output", str(out)]
+    assert embed.main([*rec, "--landmarks", str(marks)]) == 2
+    assert "--landmarks needs --folder" in capsys.readouterr().err

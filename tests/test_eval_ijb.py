@@ -1,7 +1,9 @@
 """IJB-B/C 1:1 (``pfc_ds.eval.ijb``): parsing, pooling and TAR@FAR against brute force, and the CLI.
 
 The references are plain loops written from insightface's eval_ijbc.py and sklearn's roc_curve
-definition; they share no code with the module.
+definition; they share no code with the module. The CLI aligns by default: loose crops with
+their landmarks give the features of the aligned crops (``norm_crop``, tested in
+test_eval_align.py), and the output says so; ``--no-align`` embeds the crops as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image
 from pfc_ds.backbones import get_backbone
 from pfc_ds.checkpoint import CheckpointRef, reader
 from pfc_ds.eval import ijb
+from pfc_ds.eval.align import ARCFACE_112, norm_crop
 
 BIG = 2**53  # ids beyond float64's (and far beyond float32's) exact integers
 
@@ -91,8 +94,10 @@ def _write(path: Path, rows: list[str], crlf: bool = False) -> None:
     path.write_bytes((nl.join(rows) + nl + nl + "  " + nl).encode())  # trailing blank lines
 
 
-def _mini(tmp_path: Path, seed: int = 0, dim: int = 8) -> dict:
-    """12 templates of 4 subjects, 1-3 medias of 1-3 images each; all template pairs."""
+def _mini(tmp_path: Path, seed: int = 0, dim: int = 8, landmarks=None) -> dict:
+    """12 templates of 4 subjects, 1-3 medias of 1-3 images each; all template pairs. The 5pts
+    file gives every image ``landmarks`` (default: the ArcFace template, which aligns a 112 crop
+    onto itself)."""
     rng = np.random.default_rng(seed)
     subjects = rng.normal(size=(4, dim))
     names, templates, medias, feats, subject_of = [], [], [], [], {}
@@ -119,10 +124,12 @@ def _mini(tmp_path: Path, seed: int = 0, dim: int = 8) -> dict:
     )
     _write(meta / "ijbc_template_pair_label.txt", [f"{a}  {b} {y} " for a, b, y in pairs])
     order = list(rng.permutation(len(names)))  # the 5pts file lists the images in another order
+    points = ARCFACE_112 if landmarks is None else landmarks
     _write(
         meta / "ijbc_name_5pts_score.txt",
-        [f"{names[i]} " + " ".join(["50.0"] * 10) + f" {faceness[i]}" for i in order],
-    )
+        [f"{names[i]} " + " ".join(f"{v:.4f}" for v in np.ravel(points)) + f" {faceness[i]}"
+         for i in order],
+    )  # fmt: skip
     return {
         "meta": meta, "names": names, "templates": templates, "medias": medias,
         "feats": np.array(feats), "pairs": pairs, "faceness": faceness, "order": order,
@@ -142,6 +149,8 @@ def test_parsers_read_exact_ids_from_messy_files(tmp_path: Path) -> None:
     assert meta.names == [m["names"][i] for i in m["order"]]
     assert meta.templates.tolist() == [m["templates"][i] for i in m["order"]]
     np.testing.assert_allclose(meta.faceness, m["faceness"][m["order"]], rtol=1e-6)
+    assert meta.landmarks.shape == (len(m["names"]), 5, 2)
+    np.testing.assert_allclose(meta.landmarks[3], ARCFACE_112, rtol=0, atol=1e-4)
 
 
 def test_ids_differing_below_float_precision_stay_apart(tmp_path: Path) -> None:
@@ -271,6 +280,11 @@ def test_cli_end_to_end_and_rescore(tmp_path: Path, monkeypatch, capsys) -> None
                    "--features", str(npz), "--roc", str(png)])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
+    aligned_line = (
+        f"aligned {len(m['names'])} loose crops with their five landmarks onto the ArcFace "
+        "template at 112x112 (--no-align: crops already aligned)\n"
+    )
+    assert out.startswith(aligned_line), out
     assert "IJBC 1:1 N1D1F1, far rule nearest: 12 templates, 66 pairs (12 genuine)" in out
 
     order = m["order"]
@@ -290,7 +304,7 @@ def test_cli_end_to_end_and_rescore(tmp_path: Path, monkeypatch, capsys) -> None
         assert im.format == "PNG" and im.size == (600, 450)
 
     assert ijb.main([*argv, "--rescore", str(npz)]) == 0  # no model, no images
-    assert capsys.readouterr().out == out.replace(f"ROC -> {png}\n", "")
+    assert capsys.readouterr().out == out.replace(f"ROC -> {png}\n", "").replace(aligned_line, "")
 
     assert ijb.main(["--meta", str(m["meta"]), "--rescore", str(npz), "--no-flip",
                      "--far-rule", "at-most"]) == 0  # fmt: skip
@@ -319,3 +333,102 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
         assert ijb.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def _loose_crops(tmp_path: Path, m: dict, camera: np.ndarray) -> tuple[Path, np.ndarray]:
+    """Every image of ``m`` as a loose crop: a smooth random 112 "face" placed into a larger
+    canvas by the similarity ``camera`` (face frame -> canvas); the folder and the faces."""
+    rng = np.random.default_rng(5)
+    coarse = rng.integers(0, 256, (len(m["names"]), 6, 6, 3), dtype=np.uint8)
+    faces = np.stack(
+        [
+            np.asarray(Image.fromarray(c).resize((112, 112), Image.Resampling.BICUBIC))
+            for c in coarse
+        ]
+    )
+    inv = np.linalg.inv(camera)  # Pillow's inverse map, with its half-pixel shift
+    a, c = inv[:2, :2], inv[:2, 2] - inv[:2, :2] @ [0.5, 0.5] + 0.5
+    root = tmp_path / "loose"
+    for name, face in zip(m["names"], faces, strict=True):
+        loose = Image.fromarray(face).transform(
+            (260, 240), Image.Transform.AFFINE, (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1]),
+            resample=Image.Resampling.BILINEAR,
+        )  # fmt: skip
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        loose.save(root / name)
+    return root, faces
+
+
+def test_cli_aligns_loose_crops_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
+    """insightface's IJBC/loose_crop: each crop aligned with its landmarks before embedding."""
+    angle = np.radians(20.0)
+    rot = 1.6 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    camera = np.eye(3)
+    camera[:2, :2], camera[:2, 2] = rot, [90.0, 10.0]
+    landmarks = ARCFACE_112 @ rot.T + camera[:2, 2]
+    m = _mini(tmp_path, seed=2, landmarks=landmarks)
+    root, faces = _loose_crops(tmp_path, m, camera)
+    ckpt = tmp_path / "run"
+    ckpt.mkdir()
+    ref = CheckpointRef(ckpt, {"step": 1, "image_size": 112})
+    monkeypatch.setattr(reader, "load_backbone", lambda src: (_tiny(), ref))
+    argv = ["--meta", str(m["meta"]), "--checkpoint", str(ckpt), "--images", str(root)]
+    order = m["order"]
+    loose = [np.asarray(Image.open(root / m["names"][i]).convert("RGB")) for i in order]
+    aligned = np.stack([norm_crop(im, landmarks) for im in loose])
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((112, 112), Image.Resampling.BILINEAR))
+            for im in loose
+        ]
+    )
+    # The aligned crops are the faces again (up to two bilinear resamplings); resized, not.
+    inner = np.s_[:, 2:-2, 2:-2]  # the loose canvas cuts the rotated square's corners
+    faces = faces[order].astype(np.float64)
+    assert np.abs(aligned[inner] - faces[inner]).mean() < 1.5
+    assert np.abs(resized[inner] - faces[inner]).mean() > 20
+    for extra, want_images in (([], aligned), (["--no-align"], resized)):
+        npz = tmp_path / f"f{len(extra)}.npz"
+        assert ijb.main([*argv, *extra, "--features", str(npz)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        if extra:
+            assert (
+                first
+                == f"not aligned (--no-align): {len(loose)} crops taken as aligned, at 112x112"
+            )
+        else:
+            assert first.startswith(f"aligned {len(loose)} loose crops with their five landmarks")
+        plain, mirror = _direct(want_images)
+        saved = np.load(npz)
+        np.testing.assert_allclose(saved["features"], plain, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(saved["features_flip"], mirror, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_alignment_errors_name_the_file_or_image(tmp_path: Path, monkeypatch, capsys) -> None:
+    ckpt = tmp_path / "run"
+    ckpt.mkdir()
+    ref = CheckpointRef(ckpt, {"step": 1, "image_size": 112})
+    monkeypatch.setattr(reader, "load_backbone", lambda src: (_tiny(), ref))
+    m = _mini(tmp_path, landmarks=np.full((5, 2), 50.0))  # all five points in one place
+    root = tmp_path / "crops"
+    for name in m["names"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(root / name)
+    argv = ["--meta", str(m["meta"]), "--checkpoint", str(ckpt), "--images", str(root)]
+    assert ijb.main(argv) == 2
+    err = capsys.readouterr().err
+    first = m["names"][m["order"][0]]
+    assert err.startswith(f"error: {root / first}: landmarks are degenerate"), err
+    assert err.count("\n") == 1
+    assert ijb.main([*argv, "--no-align"]) == 0  # aligned crops need no landmarks
+    capsys.readouterr()
+    # Another landmark count (a 68-point file) cannot be aligned here.
+    five = m["meta"] / "ijbc_name_5pts_score.txt"
+    lines = [ln.split() for ln in five.read_text().splitlines() if ln.strip()]
+    five.write_text("".join(f"{f[0]} {' '.join(f[1:9])} {f[-1]}\n" for f in lines))
+    assert ijb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: {five}: 4 landmarks per image; the alignment needs 5 "
+        "(--no-align for crops already aligned)\n"
+    )

@@ -2,7 +2,7 @@
 
 * ``./train.sh configs/demo_cpu.yaml`` on 2 CPU ranks (deepspeed launcher) runs to completion:
   the loss falls, ``metrics.jsonl`` has the required keys, a complete checkpoint and the
-  exported backbone are written.
+  exported backbone are written, and TensorBoard's reader parses its event files.
 * Under ``torchrun`` at ZeRO-1, a SIGTERM to *one* rank stops *both* after the same step with a
   checkpoint of that step; ``--resume`` then continues from the next step.
 * A SIGTERM to the ``train.sh`` PID reaches every rank: a checkpoint of the step reached, no
@@ -80,6 +80,17 @@ def test_train_sh_demo_cpu(tmp_path):
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000200", "step00000300"]
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert backbone["fc.weight"].shape == (128, 256)
+
+    # TensorBoard out of the box: the demo's event files, read by TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [r["step"] for r in records]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert {"train/lr", "train/img_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/synthetic/accuracy")] == [100, 200, 300]
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:

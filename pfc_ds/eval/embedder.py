@@ -82,9 +82,12 @@ def decoded_batches(
     batch_size: int,
     describe: Callable[[int], str],
     workers: int | None = None,
+    crop: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
     """Batches of ``read(i)`` decoded by Pillow (threads: it releases the GIL) to RGB uint8 at
-    ``image_size``; a bad image is a ``ValueError`` naming ``describe(i)``."""
+    ``image_size``; a bad image is a ``ValueError`` naming ``describe(i)``. ``crop(i, image)``,
+    if given, replaces the resize: it gets the full decoded image and returns the
+    ``image_size`` crop (``pfc_ds.eval.align.norm_crop`` with image ``i``'s landmarks)."""
     workers = workers or min(4, os.cpu_count() or 1)
 
     def one(i: int) -> np.ndarray:
@@ -93,9 +96,15 @@ def decoded_batches(
         except OSError as exc:
             raise FileNotFoundError(f"{describe(i)}: cannot be read ({exc.strerror})") from exc
         try:
-            return decode_image(data, image_size)
+            image = decode_image(data, None if crop is not None else image_size)
         except (OSError, ValueError) as exc:  # Pillow: UnidentifiedImageError is an OSError
             raise ValueError(f"{describe(i)}: does not decode ({exc})") from exc
+        if crop is None:
+            return image
+        try:
+            return crop(i, image)
+        except ValueError as exc:  # e.g. degenerate landmarks
+            raise ValueError(f"{describe(i)}: {exc}") from exc
 
     with ThreadPoolExecutor(workers) as pool:
         ahead: deque[list[Future[np.ndarray]]] = deque()

@@ -1,7 +1,7 @@
 """IJB-B / IJB-C 1:1 template verification, by insightface's protocol (arcface_torch/eval_ijbc.py).
 
     python -m pfc_ds.eval.ijb --checkpoint OUT --images DIR --meta DIR [--target IJBC]
-        [--batch-size 64] [--no-flip] [--norm-score] [--detector-score]
+        [--no-align] [--batch-size 64] [--no-flip] [--norm-score] [--detector-score]
         [--features F.npz | --rescore F.npz] [--roc roc.png] [--far-rule nearest|at-most]
 
 Meta files in ``--meta`` (insightface ships them lower case, ``ijbc_...``; ``IJBC_...`` is
@@ -16,13 +16,17 @@ scored ~0 in insightface's #1349 evaluation script until its pair reader was rep
 line with another field count, a non-integer id or a label other than 0/1 is an error naming
 the file and line.
 
-**Images must already be aligned 112x112 crops**, in ``--images`` under the names of the 5pts
-file. insightface warps IJB's loose crops with the five landmarks (a similarity transform onto
-its ArcFace template) before embedding; this module does not align (the landmarks are parsed
-and unused), so align beforehand with the same transform to compare with published numbers.
+**Alignment.** ``--images`` is the folder of insightface's loose crops (``IJBC/loose_crop``),
+under the names of the 5pts file. Each crop is aligned as insightface's script aligns it before
+embedding: the least-squares similarity transform from its five landmarks onto the ArcFace
+template, warped bilinearly to the model's input size (``pfc_ds.eval.align.norm_crop``). The
+output says so (``aligned N loose crops ...``). ``--no-align`` takes crops that are already
+aligned (resized to the input size if they differ from it); loose crops scored that way score
+far lower, with no error.
 
 Steps, as insightface's script:
 
+0. each crop aligned with its five landmarks (unless ``--no-align``);
 1. image features: the raw embedding of each crop, plus its mirror's unless ``--no-flip`` (F1);
 2. each feature L2-normalised, unless ``--norm-score`` (N1: the norm stays as a quality weight);
    then multiplied by the detector score with ``--detector-score`` (D1);
@@ -57,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pfc_ds.eval.align import norm_crop
 from pfc_ds.eval.embedder import decoded_batches, embed_views, load_checkpoint_model
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -161,8 +166,9 @@ def meta_path(meta_dir: str | os.PathLike, target: str, kind: str) -> Path:
 
 @dataclass
 class IJBMeta:
-    """The protocol: per image (in the 5pts file's order) its template, media and detector
-    score; per pair its templates and label."""
+    """The protocol: per image (in the 5pts file's order) its template, media, detector score
+    and landmarks (``(N, K, 2)`` pixels, K = 5 in insightface's files); per pair its templates
+    and label."""
 
     names: list[str]
     templates: np.ndarray
@@ -171,6 +177,7 @@ class IJBMeta:
     p1: np.ndarray
     p2: np.ndarray
     labels: np.ndarray
+    landmarks: np.ndarray | None = None
 
 
 def align_images(
@@ -198,13 +205,13 @@ def load_meta(meta_dir: str | os.PathLike, target: str, *, scores: bool = True) 
     tm_path = meta_path(meta_dir, target, "face_tid_mid")
     names, templates, medias = read_template_media(tm_path)
     p1, p2, labels = read_template_pairs(meta_path(meta_dir, target, "template_pair_label"))
-    faceness = None
+    faceness = landmarks = None
     if scores:
         sc_path = meta_path(meta_dir, target, "name_5pts_score")
-        order, _, faceness = read_name_scores(sc_path)
+        order, landmarks, faceness = read_name_scores(sc_path)
         templates, medias = align_images(order, names, templates, medias, str(sc_path))
         names = order
-    return IJBMeta(names, templates, medias, faceness, p1, p2, labels)
+    return IJBMeta(names, templates, medias, faceness, p1, p2, labels, landmarks)
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -394,21 +401,37 @@ def embed_ijb(
     device: torch.device | str | None = None,
     flip: bool = True,
     *,
+    landmarks: np.ndarray | None = None,
     progress: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw features of the aligned crops ``images_dir/name`` and of their mirrors."""
+    """Raw features of the crops ``images_dir/name`` and of their mirrors. With ``landmarks``
+    (``(N, 5, 2)``, pixels) each crop is aligned first (``norm_crop``); without, the crops are
+    taken as aligned and resized to ``image_size`` if they differ."""
     root = Path(images_dir)
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(names)} images are missing in {root} (first: {missing[0]})"
         )
+    crop = None
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        if landmarks.shape != (len(names), 5, 2):
+            raise ValueError(
+                f"alignment needs 5 landmarks per image, got shape {landmarks.shape} for "
+                f"{len(names)} images (--no-align for crops already aligned)"
+            )
+
+        def crop(i: int, image: np.ndarray) -> np.ndarray:
+            return norm_crop(image, landmarks[i], image_size)
+
     batches = decoded_batches(
         len(names),
         lambda i: (root / names[i]).read_bytes(),
         image_size,
         batch_size,
         lambda i: str(root / names[i]),
+        crop=crop,
     )
     return embed_views(model, batches, batch_size, device, flip, progress=progress,
                        total=len(names))  # fmt: skip
@@ -497,7 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", help="training output folder or tag folder")
-    p.add_argument("--images", type=Path, help="folder of aligned 112x112 crops")
+    p.add_argument(
+        "--images", type=Path, help="folder of the crops (insightface's IJBC/loose_crop)"
+    )
+    p.add_argument(
+        "--no-align",
+        action="store_true",
+        help="the crops are already aligned: skip the five-point alignment (resize only)",
+    )
     p.add_argument("--meta", required=True, type=Path, help="folder of the three meta files")
     p.add_argument("--target", default="IJBC", help="IJBC or IJBB (the meta files' prefix)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -526,11 +556,26 @@ def main(argv: list[str] | None = None) -> int:
             meta = load_meta(args.meta, args.target)
             if not args.images.is_dir():
                 raise FileNotFoundError(f"{args.images} is not a directory")
+            landmarks = None if args.no_align else meta.landmarks
+            if landmarks is not None and landmarks.shape[1] != 5:
+                raise ValueError(
+                    f"{meta_path(args.meta, args.target, 'name_5pts_score')}: "
+                    f"{landmarks.shape[1]} landmarks per image; the alignment needs 5 "
+                    "(--no-align for crops already aligned)"
+                )
             model, image_size, _ = load_checkpoint_model(args.checkpoint, args.device)
             feats, feats_flip = embed_ijb(
                 model, args.images, meta.names, image_size, args.batch_size, args.device, flip,
-                progress=None,
+                landmarks=landmarks, progress=None,
             )  # fmt: skip
+            n = len(meta.names)
+            if landmarks is None:
+                print(f"not aligned (--no-align): {n} crops taken as aligned, at "
+                      f"{image_size}x{image_size}")  # fmt: skip
+            else:
+                print(f"aligned {n} loose crops with their five landmarks onto the ArcFace "
+                      f"template at {image_size}x{image_size} (--no-align: crops already "
+                      "aligned)")  # fmt: skip
             if args.features is not None:
                 save_features(args.features, meta.names, feats, feats_flip, meta.faceness)
         result = score_features(

@@ -161,7 +161,7 @@ def train_command(config: Path, output: Path, overrides: list[str]) -> list[str]
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS)]
     cmd += ["--master_port", str(port), str(ROOT / "train.py"), "--config", str(config)]
-    cmd += ["--output", str(output)]
+    cmd += ["--output", str(output), "--overwrite"]  # a run cut short is trained anew
     for item in overrides:
         cmd += ["--set", item]
     return cmd

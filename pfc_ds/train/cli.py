@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue from the newest intact checkpoint in the output folder, if any "
         "(train.auto_resume: true does this without the flag, e.g. under torchrun --max-restarts)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output folder that holds a run (train.overwrite: true): its "
+        "files are moved to OUTPUT/replaced/<time>/ first; without this, --resume or a new "
+        "--output, such a folder is refused",
+    )
     p.add_argument("--log-every", type=int, help="log every N optimizer steps (train.log_every)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -61,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides.append(f"train.output={args.output}")
     if args.log_every is not None:
         overrides.append(f"train.log_every={args.log_every}")
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
     return load_config(args.config, overrides)
 
 
@@ -86,11 +95,16 @@ def check(argv: list[str], *, gpu: bool | None = None) -> str | None:
         return str(exc)
     from pathlib import Path
 
-    from pfc_ds.train.preflight import unwritable
+    from pfc_ds.train.preflight import missing_package, reused_output, unwritable
 
-    problem = unwritable(Path(cfg.train.output))
-    if problem is not None:
-        return problem
+    output = Path(cfg.train.output)
+    for problem in (
+        reused_output(output, cfg.train, resume=args.resume),  # before anything is written
+        unwritable(output),
+        missing_package("wandb", "train.wandb") if cfg.train.wandb else None,
+    ):
+        if problem is not None:
+            return problem
     if ds.get("fp16", {}).get("enabled"):
         import torch
 

@@ -109,7 +109,10 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end only
     keep_last: int = 2  # checkpoints to keep; 0 keeps all
-    tensorboard: bool = False
+    tensorboard: bool = True  # OUTPUT/tensorboard/ event files (rank 0)
+    # Also log to Weights & Biases (rank 0; needs the wandb package; WANDB_PROJECT, WANDB_MODE
+    # and the other WANDB_* variables apply; the project defaults to pfc_ds).
+    wandb: bool = False
     # fp16: this many optimizer steps skipped in a row (overflow) is divergence; default 50.
     max_consecutive_skips: int | None = None
     max_skipped_steps: int | None = None  # its former name, still read
@@ -123,6 +126,10 @@ class TrainConfig:
     # Resume from the newest verified checkpoint in the output folder without --resume (a job
     # restarted by torchrun --max-restarts, or resubmitted, continues by itself).
     auto_resume: bool = False
+    # Start over in an output folder that holds a run's checkpoints (--overwrite): its files are
+    # moved to OUTPUT/replaced/<time>/ first. Without it (or --resume, or auto_resume) such a
+    # folder is refused, so two runs never mix in one folder.
+    overwrite: bool = False
     save_failure: str = "error"  # a checkpoint that cannot be written: error (stop) or warn
     on_divergence: str = "stop"  # stop, or rollback to the last good checkpoint at a lower LR
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
@@ -242,6 +249,11 @@ class Config:
         t, o = self.train, self.optim
         _choice("train.save_failure", t.save_failure, SAVE_FAILURES)
         _choice("train.on_divergence", t.on_divergence, ON_DIVERGENCE)
+        if t.overwrite and t.auto_resume:
+            raise ConfigError(
+                "train.overwrite and train.auto_resume exclude each other: auto_resume continues "
+                "the run in train.output, overwrite starts it over (every restart would)"
+            )
         old, new = t.max_skipped_steps, t.max_consecutive_skips
         if old is not None and new is not None and old != new:
             raise ConfigError(

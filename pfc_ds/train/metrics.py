@@ -1,9 +1,17 @@
-"""Rank-0 progress line, ``metrics.jsonl`` and (optionally) TensorBoard scalars.
+"""Rank-0 progress line, ``metrics.jsonl``, TensorBoard scalars and (optionally) W&B.
 
 One JSON object per logged optimizer step, with at least ``step``, ``loss``, ``lr``,
 ``img_per_s`` and ``loss_scale``; the ``time_*`` keys split the wall time since the previous
 logged step into data, backbone (forward + backward), head (forward + backward) and optimizer
 (gradient reduction at a stage-0 boundary, ``engine.step`` and ``SparseSGD.step``) seconds per step.
+
+TensorBoard (``train.tensorboard``, on by default; ``tensorboard`` is in requirements.txt):
+event files in ``OUTPUT/tensorboard/``, ``tensorboard --logdir OUTPUT/tensorboard``. Each
+training row's numbers go under ``train/`` (``train/loss``, ``train/lr``, ``train/img_per_s``,
+``train/loss_scale`` when there is one, i.e. fp16, ``train/time_*``, ``train/epoch``); the
+evaluation rows' under their own names (``eval/<set>/accuracy`` ...), all at the optimizer step.
+W&B (``train.wandb: true``, the ``wandb`` package): the same numbers under the same names, one
+run per ``fit``, the config as the run's config, files in ``OUTPUT/wandb/``.
 """
 
 from __future__ import annotations
@@ -63,16 +71,21 @@ class MetricsLogger:
         total_steps: int,
         tensorboard: bool = False,
         stream=None,
+        wandb: bool = False,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.rank = rank
         self.total_steps = total_steps
         self.path = Path(output) / "metrics.jsonl"
         self.stream = stream or sys.stdout
         self.writer = None
+        self.wandb_run = None
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 self.writer = _tensorboard_writer(Path(output) / "tensorboard")
+            if wandb:
+                self.wandb_run = _wandb_run(Path(output), run_config or {})
         self._t0 = time.perf_counter()
         self._t_last = self._t0
         self._steps_since_start = 0
@@ -114,10 +127,7 @@ class MetricsLogger:
             return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key in ("loss", "lr", "img_per_s", "loss_scale"):
-                if record[key] is not None:
-                    self.writer.add_scalar(f"train/{key}", record[key], step)
+        self._scalars(record, "train/")
         done = step - getattr(self, "_first_step", 0)
         rate = (now - self._t0) / max(done, 1)
         eta = _format_eta(rate * (self.total_steps - step))
@@ -137,15 +147,28 @@ class MetricsLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._scalars(record, tensorboard_prefix)
+
+    def _scalars(self, record: dict[str, Any], prefix: str) -> None:
+        """The record's numbers (``None`` and text left out) to TensorBoard and W&B."""
+        step = int(record.get("step", 0))
+        values = {
+            f"{prefix}{key}": float(value)
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         if self.writer is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{tensorboard_prefix}{key}", value, step)
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+        if self.wandb_run is not None and values:
+            self.wandb_run.log(values, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def _tensorboard_writer(path: Path):
@@ -154,7 +177,26 @@ def _tensorboard_writer(path: Path):
     except ImportError as exc:  # tensorboard is optional
         log.warning("train.tensorboard is on but TensorBoard is not installed (%s); skipping", exc)
         return None
-    return SummaryWriter(str(path))
+    # Flushed every 30 s (not 120): a run killed between flushes loses less of its curve.
+    return SummaryWriter(str(path), flush_secs=30)
+
+
+def _wandb_run(output: Path, config: dict[str, Any]):
+    """A W&B run for this fit (``WANDB_PROJECT``, default ``pfc_ds``; ``WANDB_MODE=offline``
+    writes locally); ``None`` with a warning when wandb is not installed (train.sh's pre-check
+    refuses that before any rank starts)."""
+    try:
+        import wandb
+    except ImportError as exc:
+        log.warning("train.wandb is on but wandb is not installed (%s); skipping", exc)
+        return None
+    output.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "pfc_ds"),
+        name=output.name,
+        dir=str(output),
+        config=config,
+    )
 
 
 def memory_extra(device) -> dict[str, float]:

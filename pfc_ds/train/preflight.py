@@ -1,17 +1,88 @@
-"""Checks made before any step runs, each failing with one line that names the key or path.
+"""Checks made before any step runs, each failing with one line that names the key or path,
+and the one change a fresh run makes to its output folder before it writes there.
 
 A run that dies at its first checkpoint, hours in, because the output is read-only, the disk
 cannot hold one checkpoint, or the checkpoint it resumed from belongs to another model, wastes
 the hours; these checks cost milliseconds at start-up.
+
+An output folder holds one run. A second run into a folder with checkpoints, without
+``--resume`` (the flag a user forgets after a crash), used to start from step 0, append its rows
+to the first run's ``metrics.jsonl`` and move ``latest`` to its own checkpoints; now it is
+refused (``reused_output``) unless it says how to go on: ``--resume`` (or ``train.auto_resume``)
+continues, ``--overwrite`` (``train.overwrite``) starts over. A run that starts at step 0 first
+moves whatever an earlier run left in the folder to ``OUTPUT/replaced/<time>/``
+(``set_aside_previous_run``): moved, not deleted, so a mistaken ``--overwrite`` loses nothing
+(a rename, instant for any checkpoint size); the price is the disk space until it is deleted.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import time
 import uuid
 from pathlib import Path
 
-from pfc_ds.checkpoint.layout import CheckpointRef
-from pfc_ds.train.config import Config
+from pfc_ds.checkpoint.layout import CHECKPOINTS, CheckpointRef, candidates
+from pfc_ds.train.config import Config, TrainConfig
+
+# What a run writes at the top of its output folder (a fresh run moves these aside).
+RUN_FILES = (CHECKPOINTS, "metrics.jsonl", "tensorboard", "wandb", "eval", "backbone.pt",
+             "best_backbone.pt")  # fmt: skip
+REPLACED = "replaced"
+
+
+def reused_output(output: Path, t: TrainConfig, *, resume: bool) -> str | None:
+    """Why a run may not start in ``output`` as asked, or ``None``: the folder holds a complete
+    checkpoint and neither ``resume``/``train.auto_resume`` nor ``train.overwrite`` says
+    whether to continue it or start over (``resume`` with ``overwrite`` is refused too).
+    Reads only."""
+    if resume and t.overwrite:
+        return (
+            f"--resume continues the run in {output}, --overwrite (train.overwrite: true) "
+            "starts it over: pass one of them"
+        )
+    if resume or t.auto_resume or t.overwrite:
+        return None
+    found = candidates(output)
+    if not found:
+        return None
+    newest = found[0]
+    return (
+        f"train.output: {output} already holds a run (newest checkpoint {newest.folder}, step "
+        f"{newest.step}): --resume continues it; a new --output, or --overwrite "
+        f"(train.overwrite: true), starts over (the old run moves to {output / REPLACED}/)"
+    )
+
+
+def set_aside_previous_run(output: Path) -> Path | None:
+    """Move an earlier run's files (``RUN_FILES``) from ``output`` to a new
+    ``output/replaced/<YYYYmmdd-HHMMSS>/``; the folder, or ``None`` if there were none. Rank 0
+    only, before any rank writes to ``output``; other files in ``output`` stay."""
+    present = [output / name for name in RUN_FILES if (output / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = output / REPLACED / stamp
+    n = 1
+    while target.exists():
+        n += 1
+        target = output / REPLACED / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+def missing_package(module: str, key: str) -> str | None:
+    """``key`` asks for ``module``; why it cannot be had, or ``None`` if it imports."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return f"{key}: true needs the {module} package (pip install {module}), or set {key}: false"
 
 
 def unwritable(output: Path) -> str | None:
