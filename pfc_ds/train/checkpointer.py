@@ -27,7 +27,8 @@ from pfc_ds.checkpoint.rng import set_rng_state
 from pfc_ds.checkpoint.shard_files import atomic_save
 from pfc_ds.checkpoint.writer import FileHooks, estimate_bytes, save, size_text, space_short
 from pfc_ds.head import seeds
-from pfc_ds.train.config import Config, TrainConfig
+from pfc_ds.train import preflight
+from pfc_ds.train.config import Config, ConfigError, TrainConfig
 from pfc_ds.train.faults import Faults
 from pfc_ds.train.schedule import PolynomialLRWarmup
 
@@ -58,12 +59,35 @@ class Checkpointer:
     # ---- resume --------------------------------------------------------------------------
 
     def find(self, resume: bool) -> CheckpointRef | None:
-        """With ``resume``: the checkpoint to resume, the newest that verifies (collective)."""
+        """With ``resume``: the checkpoint to resume, the newest that verifies. Without: refuse
+        a folder holding a run unless ``train.overwrite`` (launches that bypass train.sh's
+        pre-check get the same line), and move an earlier run's files aside, so two runs never
+        mix in one folder. Collective."""
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restart and not resume and self.rank == 0:
             log.warning("torchrun restart %d without --resume or train.auto_resume: training "
                         "starts over from step 0", restart)  # fmt: skip
-        return pick_checkpoint(self.output, self.group) if resume else None
+        self._agree(preflight.reused_output(self.output, self.cfg, resume=resume))
+        if resume:
+            return pick_checkpoint(self.output, self.group)
+        self._agree(self._set_aside_previous_run() if self.rank == 0 else None)
+        return None
+
+    def _agree(self, problem: str | None) -> None:
+        first = next((p for p in comm.gather_objects(problem, self.group) if p), None)
+        if first is not None:
+            raise ConfigError(first)
+
+    def _set_aside_previous_run(self) -> str | None:
+        """Rank 0: move an earlier run's files aside (logged); a problem, or ``None``."""
+        try:
+            moved = preflight.set_aside_previous_run(self.output)
+        except OSError as exc:
+            return f"train.output: cannot move the earlier run in {self.output} aside ({exc})"
+        if moved is not None:
+            log.warning("starting over in %s: the earlier run's files are now in %s (delete it "
+                        "to free the space)", self.output, moved)  # fmt: skip
+        return None
 
     @staticmethod
     def plan(ref: CheckpointRef, *, stage: int, world_size: int, optimizer: str) -> RestorePlan:

@@ -114,12 +114,8 @@ class Trainer:
     def _prepare(self, ds: dict, resume: bool):
         """The output, the data and the checkpoint to resume (checked against the config)."""
         cfg = self.cfg
-        # torchrun/deepspeed launches skip train.sh's pre-check: the same refusal here.
-        self._agree(preflight.reused_output(self.output, cfg.train, resume=resume), ConfigError)
         self._agree(preflight.unwritable(self.output), ConfigError)
         ref = self.checkpointer.find(resume)
-        if ref is None:  # from step 0: an earlier run's files go aside before any rank writes
-            self._agree(self._set_aside_previous_run() if self.rank == 0 else None, ConfigError)
         self.guard = ScaleGuard.for_engine(ds, cfg.train.max_consecutive_skips)
         self.zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
         self.loader, self.num_classes = build_loader(
@@ -128,17 +124,6 @@ class Trainer:
         if ref is not None:
             self._agree(preflight.resume_mismatch(ref, cfg, self.num_classes), ConfigError)
         return ref
-
-    def _set_aside_previous_run(self) -> str | None:
-        """Rank 0: move an earlier run's files aside (logged); a problem, or ``None``."""
-        try:
-            moved = preflight.set_aside_previous_run(self.output)
-        except OSError as exc:
-            return f"train.output: cannot move the earlier run in {self.output} aside ({exc})"
-        if moved is not None:
-            log.warning("starting over in %s: the earlier run's files are now in %s (delete it "
-                        "to free the space)", self.output, moved)  # fmt: skip
-        return None
 
     def _build(self, ds: dict, ref) -> None:
         """Backbone engine, head, evaluator, schedule, restored state and the lockstep."""
