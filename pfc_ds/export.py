@@ -363,7 +363,7 @@ def export(
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pfc_ds.export",
         description=__doc__,
@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also bound the max abs diff (default: none; raw embeddings have no fixed scale)",
     )
     p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     try:
         batches = tuple(int(b) for b in args.batch_size_check.split(",") if b.strip())

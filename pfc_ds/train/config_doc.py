@@ -120,7 +120,6 @@ NOTES: dict[str, str] = {
         "optimizer steps between progress lines and metrics.jsonl records (the losses are read "
         "back to the host once per interval)"
     ),
-    "train.tensorboard": "also write TensorBoard scalars (when tensorboard is installed)",
 }
 
 # Validation helpers of data_pipelines.config whose name says the rule.
