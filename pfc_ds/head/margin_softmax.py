@@ -1,7 +1,8 @@
 """Margin-softmax cross-entropy against sampled centre rows, streamed over column chunks.
 
 The ``N x S`` logits are never held. Forward runs over chunks of the sampled rows with an online
-max and sum-exp, then combines the ranks' partial results (all-reduce MAX, then SUM); backward
+max and sum-exp, then combines the ranks' partial results locally from one all-gather of each
+rank's ``(max, sum-exp, target logit)`` per row; backward
 recomputes each chunk's cosines and turns them into that chunk's gradients straight away. Peak
 memory is two ``N x chunk`` blocks beside the ``S x D`` rows and their gradient.
 
@@ -31,11 +32,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from pfc_ds import phases
-from pfc_ds.head.collectives import ProcessGroup, all_reduce
+from pfc_ds.head.collectives import ProcessGroup, gather_stats
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.workspace import Workspace
 
@@ -181,6 +181,19 @@ class _Chunks:
             block.addcdiv_(rows_grad, f)
 
 
+def _combine(run_max, run_sum, t_logit, group):
+    """Global ``(row_max, sum_exp, target_logit)`` per row from every rank's partial ones, in
+    one all-gather of an ``(N, 3)`` fp32 block. Every rank combines the same gathered numbers
+    in the same order, so the loss is bit-identical on all of them."""
+    parts = gather_stats(torch.stack([run_max, run_sum, t_logit], dim=1), group)
+    if parts.shape[0] == 1:
+        return run_max, run_sum, t_logit
+    maxes, sums, targets = parts.unbind(dim=2)  # each (W, N)
+    row_max = maxes.amax(dim=0)
+    sum_exp = (sums * torch.exp(maxes - row_max)).sum(dim=0)
+    return row_max, sum_exp, targets.sum(dim=0)
+
+
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, rows, inv_norm, target, active, margin, group, sink, opts, anchor):
@@ -203,9 +216,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             run_sum.mul_(torch.exp(run_max - new_max))
             run_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
             run_max = new_max
-        row_max = all_reduce(run_max.clone(), dist.ReduceOp.MAX, group)
-        sum_exp = all_reduce(run_sum.mul_(torch.exp(run_max - row_max)), dist.ReduceOp.SUM, group)
-        t_logit = all_reduce(t_logit, dist.ReduceOp.SUM, group)
+        row_max, sum_exp, t_logit = _combine(run_max, run_sum, t_logit, group)
         loss = (torch.log(sum_exp) + row_max - t_logit).mean()
 
         ctx.save_for_backward(emb, inv_norm, target, row_max, sum_exp, t_logit, d_margin)

@@ -20,7 +20,7 @@ from pfc_ds.head.bank import (
 from pfc_ds.head.collectives import (
     ProcessGroup,
     all_gather_no_grad,
-    all_gather_with_grad,
+    gather_batch,
     gather_sizes,
     world,
 )
@@ -147,7 +147,7 @@ class PartialFC(torch.nn.Module):
 
     ``forward`` all-gathers embeddings and labels, samples this shard's rows, and returns the
     margin-softmax cross-entropy over the global batch (identical on every rank). The gradient
-    that reaches ``local_embeddings`` is ``W * dL/de_local`` (see ``all_gather_with_grad``);
+    that reaches ``local_embeddings`` is ``W * dL/de_local`` (see ``gather_batch``);
     the sampled rows get exactly ``dL/drows`` and wait in ``window`` for the optimizer.
 
     **Gradient accumulation.** ``prefetch([labels_1, ..., labels_K])`` opens a window of K
@@ -253,6 +253,19 @@ class PartialFC(torch.nn.Module):
     def sample_rate(self) -> float:
         return self.sampler.sample_rate
 
+    @property
+    def offloaded(self) -> bool:
+        """The bank keeps its rows away from the compute device (host RAM or files): a
+        ``prefetch`` before the backbone's forward hides their copy."""
+        return not self.bank.resident
+
+    def window_needed(self, micro_batches: int, prefetched: bool) -> bool:
+        """Whether a caller that runs ``micro_batches`` forwards per optimizer step must call
+        ``prefetch`` before the first one (``prefetched``: it already did, when offloaded).
+        One forward opens its own window, its labels riding with the embeddings (one
+        collective fewer than a separate label gather)."""
+        return micro_batches > 1 and not (prefetched and self.offloaded)
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
@@ -333,13 +346,21 @@ class PartialFC(torch.nn.Module):
                 "optimizer's step() or zero_grad() before opening the next window"
             )
         self.clear_window()
-        device = self.bank.device
         sizes = self._sizes([b.shape[0] for b in batches], batches[0].device)
         flat = batches[0] if len(batches) == 1 else torch.cat(batches)
         totals = [sum(k[r] for k in sizes) for r in range(self.world_size)]
+        gathered = all_gather_no_grad(flat.long(), totals, self.process_group)
+        self._open_window(gathered, batches, sizes)
+
+    def _open_window(
+        self, gathered: torch.Tensor, batches: list[torch.Tensor], sizes: list[list[int]]
+    ) -> None:
+        """Sample rows for the window's gathered labels and start gathering them."""
+        device = self.bank.device
+        gathered = gathered.to(device)
         # Labels first: every rank sees a bad label and raises together, none hangs in a collective.
-        gathered = all_gather_no_grad(flat.long(), totals, self.process_group).to(device)
         self._check_labels(gathered)
+        totals = [sum(k[r] for k in sizes) for r in range(self.world_size)]
         with phases.span("head/sample"):
             local = gathered - self.class_start
             index, active = self.sampler.sample(local)
@@ -357,8 +378,9 @@ class PartialFC(torch.nn.Module):
             window.rows, window.uses = out, self.workspace.uses("rows")
         self.window = window
 
-    def _window_for(self, local_labels: torch.Tensor) -> tuple[Window, int]:
-        """The window and micro-batch ``local_labels`` belong to (opening one if none is)."""
+    def _window_for(self, local_labels: torch.Tensor) -> int | None:
+        """The micro-batch of the open window that ``local_labels`` belong to, or ``None``
+        when this forward opens its own window."""
         w = self.window
         if w is not None and w.forwards < len(w.declared):
             k = w.forwards
@@ -373,21 +395,33 @@ class PartialFC(torch.nn.Module):
                     (local_labels.to(want.device) == want).all(),
                     "forward's labels differ from the ones prefetch declared",
                 )
-            return w, k
+            return k
         if w is not None and w.grad is not None:
             raise ValueError(
                 "PartialFC: another forward before the optimizer step: for gradient "
                 "accumulation call head.prefetch([labels of each micro-batch]) at the start of "
                 "the window (then K micro-batches act as one batch of K x B)"
             )
-        self.prefetch(local_labels)
-        return self.window, 0
+        return None
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Three collectives: the embeddings (with the labels, unless ``prefetch`` gathered
+        them) in one all-gather, the softmax statistics in another, and the embedding
+        gradient's reduce-scatter in backward."""
         self._check_inputs(local_embeddings, local_labels)
-        w, k = self._window_for(local_labels)
+        k = self._window_for(local_labels)
+        emb = local_embeddings.float()
+        if k is None:  # this forward's own window: its labels ride with the embeddings
+            self._check_label_tensor(local_labels)
+            self.clear_window()
+            sizes = self._sizes([local_labels.shape[0]], local_labels.device)
+            embeddings, gathered = gather_batch(emb, local_labels, sizes[0], self.process_group)
+            self._open_window(gathered, [local_labels], sizes)
+            k = 0
+        else:
+            embeddings, _ = gather_batch(emb, None, self.window.sizes[k], self.process_group)
+        w = self.window
         w.forwards += 1
-        embeddings = all_gather_with_grad(local_embeddings.float(), w.sizes[k], self.process_group)
         with phases.span("head/gather"):  # prefetched: only the wait is left
             rows = w.current_rows()
         target = self.sampler.targets(w.index, w.labels[k])

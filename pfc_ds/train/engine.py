@@ -269,8 +269,10 @@ class Lockstep:
         of them), then step both optimizers once.
 
         The head samples its rows once for the whole window, from all its labels (K micro-
-        batches of B act as one batch of K x B); with ``prefetch`` that happens before the first
-        backbone forward, so an offloaded bank's rows travel while the backbone computes.
+        batches of B act as one batch of K x B); with ``prefetch`` and an offloaded bank that
+        happens before the first backbone forward, so the rows travel while the backbone
+        computes. A one-micro-batch step on a device bank opens no window beforehand: its
+        labels ride with the embeddings' all-gather (three head collectives per step).
         ``step`` is the 0-based index of this optimizer step (for the LR); messages print it
         1-based, like the progress line.
         """
@@ -279,7 +281,7 @@ class Lockstep:
         device = self.engine.device
         self._inf_now = self._head_inf is not None and self._head_inf(step + 1)
         labels = [lab.to(device, torch.long, non_blocking=True) for _, lab in batches]
-        if self.prefetch:
+        if self.prefetch and self.head.offloaded:
             with phases.span("head_fwd"):
                 self.head.prefetch(labels)
         losses = []
@@ -296,7 +298,7 @@ class Lockstep:
         images = images.to(engine.device, self.input_dtype, non_blocking=True)
         with phases.span("backbone_fwd"):
             embeddings = engine(images)
-        if k == 0 and not self.prefetch:
+        if k == 0 and self.head.window_needed(len(labels), self.prefetch):
             with phases.span("head_fwd"):
                 self.head.prefetch(labels)
         if embeddings.requires_grad:
