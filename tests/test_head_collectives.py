@@ -129,43 +129,42 @@ CASES = [
 ]
 
 
-# Offloaded banks at W=2 only: their collectives are the device bank's.
-RUNS = [(2, c) for c in CASES] + [(4, c) for c in CASES if c[2] == "device"]
+def _all_cases(rank, world, cases, tmp):
+    return {case: _count_steps(rank, world, case, tmp) for case in cases}
 
 
-@pytest.mark.parametrize(
-    ("world", "case"),
-    RUNS,
-    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"W{v}",
-)
-def test_collectives_per_head_step(world, case, tmp_path):
-    *_, micro, even, _ = case
-    results = run_distributed(_count_steps, world, case, str(tmp_path))
-    # One size exchange when batches may be uneven, one label gather per window of several
-    # micro-batches, then three per micro-batch: embeddings (+labels), statistics, gradient.
-    expected = (0 if even else 1) + (1 if micro > 1 else 0) + 3 * micro
-    for rank_steps in results:
-        for calls in rank_steps:
-            assert sum(calls.values()) == expected, calls
-            assert calls.get("all_reduce", 0) == 0, calls
-            assert calls.get("reduce_scatter_single", calls.get("reduce_scatter_tensor", 0)) == (
-                micro
-            ), calls
-    if micro == 1 and even:
-        assert expected == 3
+# Offloaded banks at W=2 only: their collectives are the device bank's. One launch per world
+# size runs all its cases.
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_per_head_step(world, tmp_path):
+    cases = [c for c in CASES if world == 2 or c[2] == "device"]
+    results = run_distributed(_all_cases, world, cases, str(tmp_path))
+    for case in cases:
+        *_, micro, even, _ = case
+        # One size exchange when batches may be uneven, one label gather per window of
+        # several micro-batches, then three per micro-batch: embeddings (+labels),
+        # statistics, gradient.
+        expected = (0 if even else 1) + (1 if micro > 1 else 0) + 3 * micro
+        if micro == 1 and even:
+            assert expected == 3
+        for rank_results in results:
+            for calls in rank_results[case]:
+                assert sum(calls.values()) == expected, (case, calls)
+                assert calls.get("all_reduce", 0) == 0, (case, calls)
+                scatters = calls.get("reduce_scatter_single", 0)
+                scatters += calls.get("reduce_scatter_tensor", 0)
+                assert scatters == micro, (case, calls)
 
 
-def _trainer_step_counts(rank, world):
-    """The engine's choice: a one-micro-batch step on a device bank prefetches nothing."""
-    head = pfc_ds.PartialFC(
-        MARGINS["cosface"](), 16, 101, sample_rate=0.5, even_batches=True, chunk=32
-    )
-    return head.window_needed(1, True), head.window_needed(2, True), head.offloaded
-
-
-def test_engine_opens_no_window_for_one_micro_batch_on_a_device_bank():
-    (one, two, offloaded) = run_distributed(_trainer_step_counts, 2)[0]
-    assert (one, two, offloaded) == (False, True, False)
+def test_engine_opens_no_window_for_one_micro_batch_on_a_device_bank(tmp_path):
+    """A one-micro-batch step lets the labels ride with the embeddings; a window of several,
+    or an offloaded bank's prefetch, gathers them first."""
+    device = pfc_ds.PartialFC(MARGINS["cosface"](), 16, 101, sample_rate=0.5)
+    host = pfc_ds.PartialFC(MARGINS["cosface"](), 16, 101, sample_rate=0.5, bank="host")
+    assert not device.offloaded and host.offloaded
+    assert not device.window_needed(1, prefetched=True)
+    assert device.window_needed(2, prefetched=True) and host.window_needed(2, prefetched=False)
+    assert not host.window_needed(2, prefetched=True)  # the engine prefetched it already
 
 
 def _gather(rank, world):
