@@ -10,7 +10,10 @@ Every variant runs in its own fresh process so its peak RSS is its own. Variants
 * ``dense_fc``: the plain model-parallel FC at one rank: every class, dense Parameter + SGD.
 
 The floor is the step's GEMM FLOPs over a GEMM rate measured on the same shapes, plus the bytes
-the sampled rows must move (read and write weight and momentum) over a measured copy bandwidth.
+the sampled rows must move (read and write weight and momentum) over a measured bandwidth, given
+two ways: a streaming copy of 256 MB (which a large last-level cache may hold), and the bank's
+own access, a gather and a scatter of the ``S`` sampled rows of a ``C``-row fp32 bank (rows
+spread over gigabytes, as the head's are).
 """
 
 from __future__ import annotations
@@ -140,8 +143,24 @@ def _floor(args) -> dict:
     flops = 3 * 2 * args.batch * args.dim * s
     src = torch.randn(64 * 1024 * 1024 // 4 * 4, device=dev)  # 256 MB
     dst = torch.empty_like(src)
+    src_bytes = src.numel() * 4
     tc = _timeit(lambda: dst.copy_(src), args.steps, 2, dev)
-    return {"gemm_flops": flops, "gemm_rate": flops / t, "bandwidth": 2 * src.numel() * 4 / tc}
+    src = dst = None  # free the copy's 512 MB before the bank
+    bank = torch.empty(args.classes, args.dim, device=dev).normal_()
+    rows = torch.randperm(args.classes, device=dev)[:s].sort().values
+    out = torch.empty(s, args.dim, device=dev)
+
+    def gather_scatter():
+        torch.index_select(bank, 0, rows, out=out)
+        bank.index_copy_(0, rows, out)
+
+    tr = _timeit(gather_scatter, args.steps, 2, dev)
+    return {
+        "gemm_flops": flops,
+        "gemm_rate": flops / t,
+        "bandwidth": 2 * src_bytes / tc,
+        "row_bandwidth": 4 * s * args.dim * 4 / tr,  # read + write of each, as the copy's
+    }
 
 
 def worker(args) -> dict:
@@ -175,10 +194,14 @@ def run_variant(args, variant: str, classes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def floor_seconds(floor: dict, classes: int, args, storage_bytes: int) -> float:
+def floor_seconds(
+    floor: dict, classes: int, args, storage_bytes: int, bandwidth: str = "bandwidth"
+) -> float:
+    """GEMM time plus the rows' bytes (read + write, weight + momentum) over ``bandwidth``:
+    the streaming copy's, or ``row_bandwidth``, the bank's sampled-row gather and scatter."""
     s = int(args.rate * classes)
-    row_bytes = 2 * s * args.dim * 2 * storage_bytes  # read + write, weight + momentum
-    return floor["gemm_flops"] / floor["gemm_rate"] + row_bytes / floor["bandwidth"]
+    row_bytes = 2 * s * args.dim * 2 * storage_bytes
+    return floor["gemm_flops"] / floor["gemm_rate"] + row_bytes / floor[bandwidth]
 
 
 def measure(args, classes: int, variants, repeats: int = 1) -> dict:
@@ -203,6 +226,8 @@ def measure(args, classes: int, variants, repeats: int = 1) -> dict:
     res["floor"] = floor
     res["floor_fp32_s"] = floor_seconds(floor, classes, args, 4)
     res["floor_fp16_s"] = floor_seconds(floor, classes, args, 2)
+    res["rows_floor_fp32_s"] = floor_seconds(floor, classes, args, 4, "row_bandwidth")
+    res["rows_floor_fp16_s"] = floor_seconds(floor, classes, args, 2, "row_bandwidth")
     return res
 
 
@@ -224,20 +249,27 @@ def render(args, main: dict, sweep: list[dict]) -> str:
         f"Floor at C={main['classes']:,}: GEMM {f['gemm_rate'] / 1e9:.0f} GFLOP/s over "
         f"{f['gemm_flops'] / 1e9:.1f} GFLOP, copy bandwidth {f['bandwidth'] / 1e9:.1f} GB/s "
         f"(read + write) → {main['floor_fp32_s'] * 1e3:.0f} ms (fp32 rows), "
-        f"{main['floor_fp16_s'] * 1e3:.0f} ms (fp16 rows).",
+        f"{main['floor_fp16_s'] * 1e3:.0f} ms (fp16 rows). With the bank's own access (gather "
+        f"and scatter of the sampled rows, {f['row_bandwidth'] / 1e9:.1f} GB/s read + write): "
+        f"{main['rows_floor_fp32_s'] * 1e3:.0f} ms (fp32 rows), "
+        f"{main['rows_floor_fp16_s'] * 1e3:.0f} ms (fp16 rows).",
         "",
-        "| variant | step ms | peak RSS MB | step / dense_pfc | step / floor | RSS / dense_pfc |",
-        "|---|---|---|---|---|---|",
+        "| variant | step ms | peak RSS MB | step / dense_pfc | step / floor | step / row floor "
+        "| RSS / dense_pfc |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = main["dense_pfc"]
     for v in VARIANTS:
         if v not in main:
             continue
         r = main[v]
-        fl = main["floor_fp16_s"] if v == "pfc_fp16" else main["floor_fp32_s"]
+        half = v == "pfc_fp16"
+        fl = main["floor_fp16_s"] if half else main["floor_fp32_s"]
+        rfl = main["rows_floor_fp16_s"] if half else main["rows_floor_fp32_s"]
         lines.append(
             f"| {v} | {r['step_s'] * 1e3:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r['step_s'] / base['step_s']:.3f} | {r['step_s'] / fl:.2f} | "
+            f"{r['step_s'] / rfl:.2f} | "
             f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |"
         )
     lines.append("")

@@ -321,11 +321,15 @@ class CenterBank:
         global_rows = rows.device + self.row_offset
         return stochastic_round(x, global_rows, self.rounding.key(stream), out, scratch)
 
-    def write_state(self, name: str, rows: torch.Tensor | RowIndex, values: torch.Tensor) -> None:
-        """Write a row state's ``rows`` back in its dtype; every other row stays bit-identical."""
+    def write_state(
+        self, name: str, rows: torch.Tensor | RowIndex, values: torch.Tensor, *, check: bool = True
+    ) -> None:
+        """Write a row state's ``rows`` back in its dtype; every other row stays bit-identical.
+        ``check=False``: the caller's own check already covers these values' finiteness."""
         rows = self._rows(rows)
         state = self.ensure_state(name)
-        self._note(values, state.dtype)
+        if check:
+            self._note(values, state.dtype)
         self._write(state, rows, self._store(values, state.dtype, rows, name))
 
     def apply_update(
@@ -335,20 +339,23 @@ class CenterBank:
         new_momentum: torch.Tensor | None,
         *,
         in_place: bool = False,
+        check_momentum: bool = True,
     ) -> None:
         """Write ``rows`` back in the storage dtypes; every other row stays bit-identical.
         ``in_place``: ``new_rows`` and ``new_momentum`` already are views of the bank's own
-        fp32 tensors (a whole-shard update): nothing to write, only the finite flag to keep."""
+        fp32 tensors (a whole-shard update): nothing to write, only the finite flag to keep.
+        ``check_momentum=False``: the weights' finite check covers the momentum's (the
+        optimizer says when: ``w - lr * buf`` is non-finite wherever an fp32 ``buf`` is)."""
         rows = self._rows(rows)
         if in_place:
-            for t in (new_rows, new_momentum):
+            for t in (new_rows, new_momentum if check_momentum else None):
                 if t is not None:
                     self._note(t, t.dtype)
             return
         self._note(new_rows, self.weight.dtype)
         self._write(self.weight, rows, self._store(new_rows, self.weight.dtype, rows, "weight"))
         if new_momentum is not None:
-            self.write_state("momentum", rows, new_momentum)
+            self.write_state("momentum", rows, new_momentum, check=check_momentum)
 
     def _write(self, target: torch.Tensor, rows: RowIndex, values: torch.Tensor) -> None:
         """Store ``values`` (already in ``target``'s dtype) at ``rows``."""

@@ -16,6 +16,9 @@ normalisation's Jacobian is applied in closed form:
     dL/de_i = sum_j G_ij r_j w_j
     dL/dw_j = r_j sum_i G_ij e_i - r_j^2 (sum_i G_ij cos_ij) w_j
 
+The first term is a GEMM into ``sink.grad``; the second, a per-row coefficient times the row,
+is left to the optimizer as ``sink.coef`` (its own pass over the rows applies it for free).
+
 All three GEMMs take ``gemm_dtype`` inputs (fp16/bf16 halve their time on a GPU), accumulate
 in fp32 and return fp32 (``torch.mm(..., out_dtype=float32)`` on a GPU; a CPU has no such
 kernel and multiplies the half-rounded operands in fp32, the same arithmetic). Row norms are
@@ -75,10 +78,19 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 class GradSink(Protocol):
+    """Where backward leaves ``dL/drows = grad + coef[:, None] * rows``: the GEMM part ``grad``
+    (``S x D``) and the normalisation's per-row coefficient ``coef`` (``S``), kept apart so the
+    optimizer folds ``coef`` into its own pass over the rows instead of backward spending an
+    extra ``S x D`` pass (the rows are the same for every micro-batch of a window, so the
+    coefficients of several backwards simply add)."""
+
     grad: torch.Tensor | None
+    coef: torch.Tensor | None
     open: bool
 
     def grad_buffer(self) -> torch.Tensor: ...
+
+    def coef_buffer(self) -> torch.Tensor: ...
 
     def current_rows(self) -> torch.Tensor: ...
 
@@ -147,14 +159,16 @@ class _Chunks:
         return col.clamp(0, c1 - c0 - 1)[:, None], inside[:, None]
 
     def logits(self, cos: torch.Tensor, c0: int, c1: int, t_logit: torch.Tensor):
-        """Scale ``cos`` in place into margin logits; returns them and the filter mask."""
+        """Margin logits of the chunk's cosines in the ``block_grad`` buffer (``cos`` itself
+        is kept for backward); returns them and the filter mask."""
         col, inside = self.target_cols(c0, c1)
         dirty = None
         thr = self.margin.interclass_filtering_threshold
         if thr > 0.0:
             dirty = cos > thr
             dirty.scatter_(1, col, dirty.gather(1, col) & ~inside)  # targets are never filtered
-        logits = cos.mul_(self.margin.s)
+        out = self.ws.get("block_grad", tuple(cos.shape), torch.float32)
+        logits = torch.mul(cos, self.margin.s, out=out)  # scaled while copied: one pass
         if dirty is not None:
             logits.masked_fill_(dirty, 0.0)
         logits.scatter_(1, col, torch.where(inside, t_logit[:, None], logits.gather(1, col)))
@@ -223,8 +237,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         run_sum = torch.zeros(n, device=emb.device)
         for c0, c1 in c.ranges():
             cos = c.cosine(c0, c1, "block")
-            g = ws.get("block_grad", tuple(cos.shape), torch.float32).copy_(cos)
-            logits, _ = c.logits(g, c0, c1, t_logit)
+            logits, _ = c.logits(cos, c0, c1, t_logit)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum.mul_(torch.exp(run_max - new_max))
             run_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
@@ -255,35 +268,38 @@ class _ChunkedMarginCE(torch.autograd.Function):
         sink = ctx.sink
         grad_rows = sink.grad_buffer() if sink.grad is None else sink.grad
         fresh = sink.grad is None
+        coefs = sink.coef_buffer() if fresh else sink.coef
         grad_emb = torch.zeros(n, emb.shape[1], device=emb.device)
-        inv_sum = sum_exp.reciprocal()
+        lse = torch.log(sum_exp).add_(row_max)[:, None]  # softmax = exp(logit - lse): one pass
+        step = grad_loss * (s / n)
         for c0, c1 in c.ranges():
             if ctx.kept is not None and ws.uses("block") == ctx.kept:
                 cos = ws.get("block", (n, c1 - c0), torch.float32)  # forward's, intact
             else:
                 cos = c.cosine(c0, c1, "block")
-            g = ws.get("block_grad", tuple(cos.shape), torch.float32).copy_(cos)
-            logits, dirty = c.logits(g, c0, c1, t_logit)
+            logits, dirty = c.logits(cos, c0, c1, t_logit)
             # dL/dlogit = (softmax - onehot) * grad / N, then dL/dcos = s * that, times the
             # margin's derivative on the target column; filtered entries get none.
-            probs = logits.sub_(row_max[:, None]).exp_().mul_(inv_sum[:, None])
+            probs = logits.sub_(lse).exp_()
             col, inside = c.target_cols(c0, c1)
             picked = probs.gather(1, col)
             probs.scatter_(1, col, torch.where(inside, (picked - 1.0) * d_margin[:, None], picked))
-            dcos = probs.mul_(grad_loss * (s / n))
             if dirty is not None:
-                dcos.masked_fill_(dirty, 0.0)
+                probs.masked_fill_(dirty, 0.0)
             clamped = c.clamped(cos, c0, c1)
             if clamped is not None:
-                dcos.masked_fill_(clamped, 0.0)
+                probs.masked_fill_(clamped, 0.0)
             r = inv_norm[c0:c1]
-            coef = cos.mul_(dcos).sum(dim=0).mul_(r).mul_(r).neg_()
-            grad_r = dcos.mul_(r)
-            block = grad_rows[c0:c1]
+            grad_r = probs.mul_(r * step)  # dL/dcos * r, in one pass
+            # -r_j^2 sum_i dL/dcos_ij cos_ij, the normalisation's term, for the optimizer.
+            coef = cos.mul_(grad_r).sum(dim=0).mul_(r).neg_()
+            if fresh:
+                coefs[c0:c1] = coef
+            else:
+                coefs[c0:c1] += coef
             with phases.span("head/gemm"):
-                c.backward_gemms(grad_r, c0, c1, grad_emb, block, fresh)
-            block.addcmul_(rows[c0:c1], coef[:, None])
-        sink.grad = grad_rows
+                c.backward_gemms(grad_r, c0, c1, grad_emb, grad_rows[c0:c1], fresh)
+        sink.grad, sink.coef = grad_rows, coefs
         return grad_emb, None, None, None, None, None, None, None, None, None
 
 
@@ -324,8 +340,9 @@ def margin_softmax_cross_entropy(
     ``emb``: ``(N, D)`` unit embeddings of the global batch (fp32); ``rows``: this rank's ``S``
     sampled centres (any norm, fp32 or the GEMM dtype); ``target``: each row's column in
     ``rows`` or -1 when another rank owns it; ``active``: columns in the loss (``None``: all).
-    ``dL/drows`` goes to ``sink.grad`` in backward. ``row_state``: what ``margin.row_state``
-    returned for this forward (AdaFace's per-row scalers; ``None`` for ``CombinedMarginLoss``).
+    ``dL/drows`` goes to ``sink`` in backward, as ``sink.grad + sink.coef[:, None] * rows``.
+    ``row_state``: what ``margin.row_state`` returned for this forward (AdaFace's per-row
+    scalers; ``None`` for ``CombinedMarginLoss``).
     """
     if row_state is not None:
         margin = _ForwardMargin(margin, row_state)

@@ -47,8 +47,9 @@ class Window:
     offloaded bank's gather) is waited for. ``labels[k]``: the global batch of micro-batch ``k``
     as local rows (anything outside ``[0, num_local)`` belongs to another rank); ``declared``:
     each micro-batch's local labels as ``prefetch`` got them; ``sizes[k]``: every rank's batch
-    size. ``grad`` (fp32, ``S x D``) holds ``dL/drows`` summed over the micro-batches run so
-    far; ``active`` marks the columns in the loss (``None``: all; see ``ClassSampler``).
+    size. ``dL/drows`` summed over the micro-batches run so far is ``grad + coef[:, None] *
+    rows`` (``grad`` fp32 ``S x D``, ``coef`` fp32 ``S``; ``row_grad()`` adds them up);
+    ``active`` marks the columns in the loss (``None``: all; see ``ClassSampler``).
     """
 
     index: torch.Tensor
@@ -65,10 +66,21 @@ class Window:
     forwards: int = 0
     open: bool = True  # False once the head dropped it: a late backward must not add to it
     grad: torch.Tensor | None = None
-    _finite: tuple[int, torch.Tensor | None] = (-1, None)  # (grad._version, flag)
+    coef: torch.Tensor | None = None
+    _finite: tuple[tuple[int, int], torch.Tensor | None] = ((-1, -1), None)  # versions, flag
 
     def grad_buffer(self) -> torch.Tensor:
         return self.workspace.get("grad", tuple(self.rows.shape), torch.float32)
+
+    def coef_buffer(self) -> torch.Tensor:
+        return self.workspace.get("coef", (self.rows.shape[0],), torch.float32)
+
+    def row_grad(self) -> torch.Tensor | None:
+        """``dL/drows`` (fp32 ``S x D``, a new tensor): for inspection and tests; the
+        optimizers apply ``coef`` in their own pass instead."""
+        if self.grad is None:
+            return None
+        return torch.addcmul(self.grad, self.current_rows().float(), self.coef[:, None])
 
     def current_rows(self) -> torch.Tensor:
         """The gathered rows, gathered again if a forward outside this window took the shared
@@ -88,9 +100,9 @@ class Window:
         magnitude at which an fp32 sum of S x D terms could overflow."""
         if self.grad is None:
             return torch.ones((), dtype=torch.bool, device=self.index.device)
-        version = self.grad._version
+        version = (self.grad._version, self.coef._version)
         if self._finite[0] != version or self._finite[1] is None:
-            self._finite = (version, torch.isfinite(self.grad.sum()))
+            self._finite = (version, torch.isfinite(self.grad.sum() + self.coef.sum()))
         return self._finite[1]
 
 
@@ -115,11 +127,12 @@ class RowGrads:
     finite. ``rows``: the current weights of ``index`` as gathered for the forward (any dtype,
     on the compute device), or ``None`` to gather them from the bank block by block. ``full``:
     ``index`` is the whole shard in order and ``rows`` is the bank's own fp32 tensor, updated in
-    place.
+    place. The gradient of row ``i`` is ``grad[i] + coef[i] * weight[i]`` (see ``GradSink``).
     """
 
     index: RowIndex
     grad: torch.Tensor
+    coef: torch.Tensor
     rows: torch.Tensor | None
     mask: torch.Tensor | None
     finite: torch.Tensor
@@ -460,7 +473,7 @@ class PartialFC(torch.nn.Module):
             return None
         rows = w.current_rows()
         full = rows is self.bank.weight and rows.dtype == torch.float32
-        return RowGrads(w.bank_rows, w.grad, rows, w.active, self.grads_finite(), full=full)
+        return RowGrads(w.bank_rows, w.grad, w.coef, rows, w.active, self.grads_finite(), full=full)
 
     def clear_window(self) -> None:
         """Forget the window (its gradient goes with it)."""

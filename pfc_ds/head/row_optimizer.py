@@ -31,13 +31,16 @@ class RowSparseHead(Protocol):
 @dataclass
 class Block:
     """Rows ``r0:r1`` of the window with everything an update needs, all on the compute device:
-    the (unscaled, masked) gradient, fp32 weights to update in place, fp32 row states (``int32``
-    steps), and ``apply``/``on``: where the update applies (bool, and as 0/1 fp32)."""
+    the masked, still loss-scaled gradient as ``grad + coef[:, None] * weight`` (the update
+    folds ``coef`` and the unscale ``inv_scale`` into its own passes), fp32 weights to update
+    in place, fp32 row states (``int32`` steps), and ``apply``/``on``: where the update
+    applies (bool, and as 0/1 fp32)."""
 
     r0: int
     r1: int
     index: RowIndex
     grad: torch.Tensor
+    coef: torch.Tensor
     weight: torch.Tensor
     states: dict[str, torch.Tensor]
     apply: torch.Tensor
@@ -63,7 +66,8 @@ class RowSparseOptimizer:
         ``False`` when a gradient was non-finite and nothing changed.
 
         The window is consumed either way. No host sync: a non-finite gradient turns the update
-        into an exact no-op on the device (every factor multiplied by 0 or 1).
+        into an exact no-op on the device (every factor multiplied by 0 or 1). The gradient is
+        not unscaled in a pass of its own: ``1 / grad_scale`` rides in the update's factors.
         """
         rg = self.head.row_grads()
         if rg is None:
@@ -72,13 +76,18 @@ class RowSparseOptimizer:
         try:
             self.head.bank.next_step()  # a fresh rounding key for this step's writes
             apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
-            rg.grad.masked_fill_(~apply, 0.0).div_(grad_scale)
-            self._update(rg, apply, apply.to(torch.float32))
+            rg.grad.masked_fill_(~apply, 0.0)
+            rg.coef.masked_fill_(~apply.reshape(-1) if apply.dim() else ~apply, 0.0)
+            scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=rg.grad.device)
+            self._update(rg, apply, apply.to(torch.float32), scale)
         finally:
             self.head.clear_window()  # after the last write is queued: its index buffer is free
         return rg.finite
 
-    def _update(self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor) -> None:
+    def _update(
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        """Update the window's rows with the gradient ``(grad + coef * w) / scale``."""
         raise NotImplementedError
 
     def _blocks(
@@ -120,6 +129,7 @@ class RowSparseOptimizer:
                 r1,
                 rg.index[r0:r1],
                 rg.grad[r0:r1],
+                rg.coef[r0:r1],
                 weight.wait(),
                 {name: p.wait() for name, p in reads.items()},
                 a,

@@ -38,13 +38,17 @@ class SparseAdamW(RowSparseOptimizer):
         for name in ("exp_avg", "exp_avg_sq", "steps"):
             head.bank.ensure_state(name)
 
-    def _update(self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor) -> None:
+    def _update(
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+    ) -> None:
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         bank, ws = self.head.bank, self.head.workspace
+        inv = scale.reciprocal()
         for b in self._blocks(rg, apply, on, ("steps", "exp_avg", "exp_avg_sq")):
             g, w, a, o = b.grad, b.weight, b.apply, b.on
             steps, m, v = b.states["steps"], b.states["exp_avg"], b.states["exp_avg_sq"]
+            g.addcmul_(w, b.coef[:, None]).mul_(inv)  # dL/dw, unscaled
             steps.add_(a.reshape(-1).to(torch.int32) if a.dim() else a.to(torch.int32))
             # Where nothing applies every factor is 1 and every increment 0: exact no-ops.
             m.mul_(torch.where(a, b1, 1.0)).add_(g, alpha=1 - b1)

@@ -34,23 +34,32 @@ class SparseSGD(RowSparseOptimizer):
         if momentum:
             head.bank.ensure_state("momentum")
 
-    def _update(self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor) -> None:
+    def _update(
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+    ) -> None:
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         bank = self.head.bank
         if mom:
             bank.ensure_state("momentum")
+        inv = scale.reciprocal()
         # An fp32 bank at sample_rate 1 is updated in place: its momentum is fp32 too.
         reads = ("momentum",) if mom and not rg.full else ()
         for b in self._blocks(rg, apply, on, reads):
             g, w = b.grad, b.weight
-            if wd:
-                torch.addcmul(g, w, b.on * wd, out=g)
+            # g <- scale * (dL/dw + wd * w): the normalisation's coefficient and the weight
+            # decay in one pass (per-row factor; 0 where nothing applies).
+            g.addcmul_(w, torch.addcmul(b.coef[:, None], b.on, wd * scale))
             if mom:
                 buf = bank.momentum[b.r0 : b.r1] if rg.full else b.states["momentum"]
                 # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
-                buf.mul_(torch.where(b.apply, mom, 1.0)).add_(g)
+                buf.mul_(torch.where(b.apply, mom, 1.0)).addcmul_(g, inv)
+                torch.addcmul(w, buf, b.on * -lr, out=w)
             else:
-                buf = g
-            torch.addcmul(w, buf, b.on * -lr, out=w)
-            bank.apply_update(b.index, w, buf if mom else None, in_place=rg.full)
+                torch.addcmul(w, g, b.on * (-lr * inv), out=w)
+            # w - lr * buf is non-finite wherever buf is (0 * inf is NaN too), so the weight's
+            # finite check covers an fp32 momentum's; a half one still needs its own range check.
+            bank.apply_update(
+                b.index, w, buf if mom else None, in_place=rg.full,
+                check_momentum=bank.states["momentum"].dtype != torch.float32 if mom else False,
+            )  # fmt: skip
