@@ -1,6 +1,6 @@
 """pfc_ds: Partial FC face-recognition training on DeepSpeed and DALI.
 
-``from pfc_ds import PartialFC, CombinedMarginLoss, SparseSGD, SparseAdamW`` is the head's
+``from pfc_ds import PartialFC, CombinedMarginLoss, AdaFace, SparseSGD, SparseAdamW`` is the head's
 public surface. The names load lazily, so a command that needs no torch (the data tools, the
 index benchmark's ranks) starts without importing it.
 """
@@ -11,9 +11,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pfc_ds.head import CombinedMarginLoss, PartialFC, SparseAdamW, SparseSGD, shard_range
+    from pfc_ds.head import (
+        AdaFace,
+        CombinedMarginLoss,
+        PartialFC,
+        SparseAdamW,
+        SparseSGD,
+        shard_range,
+    )
 
-__all__ = ["CombinedMarginLoss", "PartialFC", "SparseAdamW", "SparseSGD", "shard_range"]
+__all__ = ["AdaFace", "CombinedMarginLoss", "PartialFC", "SparseAdamW", "SparseSGD", "shard_range"]
 
 
 def __getattr__(name: str) -> Any:

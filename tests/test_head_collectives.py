@@ -1,6 +1,7 @@
 """The head's collectives, counted and checked through the public API at W=2 and W=4.
 
-A head step (forward, backward, optimizer step) makes at most three collectives for any margin,
+A head step (forward, backward, optimizer step) makes at most three collectives for any margin
+(AdaFace included),
 dtype, bank and sample rate: one all-gather of embeddings with the labels' bits packed in, one
 all-gather of per-row softmax statistics, one reduce-scatter of the embedding gradient. Uneven
 batches add their size exchange; an accumulation window of K micro-batches gathers its labels
@@ -82,6 +83,8 @@ MARGINS = {
     "filtered": lambda: pfc_ds.CombinedMarginLoss(
         32.0, 1.0, 0.3, 0.1, interclass_filtering_threshold=0.5
     ),
+    # Its global norm statistics come from the gathered embeddings: no collective of its own.
+    "adaface": lambda: pfc_ds.AdaFace(64.0, 0.4, 0.333, 0.01),
 }
 
 
@@ -126,6 +129,8 @@ CASES = [
     ("cosface", torch.float32, "device", 0.3, 1, False, "sgd"),
     ("arcface", torch.float32, "device", 0.3, 3, True, "sgd"),
     ("cosface", torch.float16, "host", 0.3, 2, False, "adamw"),
+    ("adaface", torch.float32, "device", 0.3, 1, True, "sgd"),
+    ("adaface", torch.float16, "device", 0.3, 2, False, "adamw"),
 ]
 
 

@@ -27,6 +27,7 @@ REAL_CONFIGS = {  # name: (backbone, classes, images, sample rate, margin)
     "ms1mv3_r50": ("r50", 93431, 5179510, 1.0, [1.0, 0.5, 0.0]),
     "glint360k_r100": ("r100", 360232, 17091657, 1.0, [1.0, 0.0, 0.4]),
     "wf42m_pfc02_r100": ("r100", 2059906, 42474557, 0.2, [1.0, 0.0, 0.4]),
+    "wf42m_adaface_r100": ("r100", 2059906, 42474557, 0.2, "adaface"),
     "wf42m_pfc03_vit_b": ("vit_b_dp005_mask_005", 2059906, 42474557, 0.3, [1.0, 0.0, 0.4]),
     "synthetic_3m_pfc01_r50": ("r50", 3000000, 3000000, 0.1, [1.0, 0.0, 0.4]),
 }
@@ -105,6 +106,12 @@ def test_sample_rate_zero_means_positives_only_as_in_the_head():
         ("data.rec=/x", "data.rec is not a key of the synthetic source; allowed: source, "),
         ("bogus.x=1", "unknown key 'bogus'; allowed: model, head, data, optim, train"),
         ("train.batch_size", "--set expects key=value"),
+        ("head.margin=arcface", "head.margin must be [m1, m2, m3] or adaface, got 'arcface'"),
+        ("head.margin=[1.0, 0.5]", "head.margin must be [m1, m2, m3] or adaface, got [1.0, 0.5]"),
+        ("head.margin=3", "head.margin must be list or str, got 3"),
+        ("head.adaface_m=2.0", "head.adaface_m must be in [0, pi/2), got 2.0"),
+        ("head.adaface_h=-1", "head.adaface_h must be >= 0, got -1.0"),
+        ("head.adaface_t_alpha=1.5", "head.adaface_t_alpha must be in [0, 1], got 1.5"),
     ],
 )
 def test_config_errors_name_key_and_allowed_values(override, message):

@@ -38,6 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from pfc_ds import phases
+from pfc_ds.head.adaface import AdaFace
 from pfc_ds.head.collectives import ProcessGroup, gather_stats
 from pfc_ds.head.margins import CombinedMarginLoss
 from pfc_ds.head.workspace import Workspace
@@ -137,7 +138,19 @@ class _Chunks:
         out = self.ws.get(name, (self.emb.shape[0], c1 - c0), torch.float32)
         with phases.span("head/gemm"):
             _mm32(self.emb, self.rows_of(c0, c1).t(), out=out)
-        return out.mul_(self.inv_norm[c0:c1]).clamp_(-1.0, 1.0)
+        bound = self.margin.cos_bound
+        return out.mul_(self.inv_norm[c0:c1]).clamp_(-bound, bound)
+
+    def clamped(self, cos: torch.Tensor, c0: int, c1: int) -> torch.Tensor | None:
+        """Where a non-target cosine sits on a clamp bound below 1 (AdaFace's 1 - 1e-3): its
+        gradient is zero, as autograd through the clamp gives. ``None`` for a bound of 1 (no
+        cost for ArcFace/CosFace). Targets are left to the margin's own derivative."""
+        bound = self.margin.cos_bound
+        if bound >= 1.0:
+            return None
+        mask = cos.abs() >= bound
+        col, inside = self.target_cols(c0, c1)
+        return mask.scatter_(1, col, mask.gather(1, col) & ~inside)
 
     def target_cols(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's target column inside this chunk (clamped) and whether it is inside."""
@@ -273,6 +286,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
             probs.scatter_(1, col, torch.where(inside, (picked - 1.0) * d_margin[:, None], picked))
             if dirty is not None:
                 probs.masked_fill_(dirty, 0.0)
+            clamped = c.clamped(cos, c0, c1)
+            if clamped is not None:
+                probs.masked_fill_(clamped, 0.0)
             r = inv_norm[c0:c1]
             grad_r = probs.mul_(r * step)  # dL/dcos * r, in one pass
             # -r_j^2 sum_i dL/dcos_ij cos_ij, the normalisation's term, for the optimizer.
@@ -287,6 +303,20 @@ class _ChunkedMarginCE(torch.autograd.Function):
         return grad_emb, None, None, None, None, None, None, None, None, None
 
 
+class _ForwardMargin:
+    """The margin as one forward sees it: ``target_logit`` with that forward's per-row state
+    (AdaFace's scalers) bound in. Only forward needs it (backward reuses the saved derivative),
+    so the state travels with the margin rather than through the autograd function's inputs."""
+
+    def __init__(self, margin, row_state: torch.Tensor) -> None:
+        self.margin, self.row_state = margin, row_state
+        self.s, self.cos_bound = margin.s, margin.cos_bound
+        self.interclass_filtering_threshold = margin.interclass_filtering_threshold
+
+    def target_logit(self, target: torch.Tensor) -> torch.Tensor:
+        return self.margin.target_logit(target, row_state=self.row_state)
+
+
 # An empty input that requires grad, so the rows get a backward even for frozen embeddings.
 _ANCHOR = torch.empty(0, requires_grad=True)
 
@@ -295,10 +325,11 @@ def margin_softmax_cross_entropy(
     emb: torch.Tensor,
     rows: torch.Tensor,
     target: torch.Tensor,
-    margin: CombinedMarginLoss,
+    margin: CombinedMarginLoss | AdaFace,
     group: ProcessGroup,
     sink: GradSink,
     *,
+    row_state: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     gemm_dtype: torch.dtype | None = None,
     chunk: int | None = None,
@@ -310,7 +341,11 @@ def margin_softmax_cross_entropy(
     sampled centres (any norm, fp32 or the GEMM dtype); ``target``: each row's column in
     ``rows`` or -1 when another rank owns it; ``active``: columns in the loss (``None``: all).
     ``dL/drows`` goes to ``sink`` in backward, as ``sink.grad + sink.coef[:, None] * rows``.
+    ``row_state``: what ``margin.row_state`` returned for this forward (AdaFace's per-row
+    scalers; ``None`` for ``CombinedMarginLoss``).
     """
+    if row_state is not None:
+        margin = _ForwardMargin(margin, row_state)
     inv_norm = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
     inv_norm = inv_norm.clamp_min_(1e-12).reciprocal_()
     if chunk is None:

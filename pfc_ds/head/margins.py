@@ -29,7 +29,13 @@ class CombinedMarginLoss(torch.nn.Module):
 
     ``interclass_filtering_threshold > 0`` zeroes negative logits above the threshold (insightface's
     filter for noisy near-duplicate identities); targets are never filtered.
+
+    The head's margin interface (shared with ``AdaFace``): ``s``, ``cos_bound`` (cosines are
+    clamped to ``[-cos_bound, cos_bound]``), ``interclass_filtering_threshold``,
+    ``row_state(norms)`` (per-row state of a forward; none here) and ``target_logit``.
     """
+
+    cos_bound = 1.0
 
     def __init__(
         self,
@@ -69,8 +75,15 @@ class CombinedMarginLoss(torch.nn.Module):
             f"filter={self.interclass_filtering_threshold}, straight_through={self.straight_through}"
         )
 
-    def target_logit(self, target: torch.Tensor) -> torch.Tensor:
-        """The margin applied to target cosines: ``cos(m1 * theta + m2) - m3`` (unscaled)."""
+    def row_state(self, norms: torch.Tensor) -> None:
+        """Nothing: this margin depends on the cosine only, not on the feature norms."""
+        return None
+
+    def target_logit(
+        self, target: torch.Tensor, row_state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The margin applied to target cosines: ``cos(m1 * theta + m2) - m3`` (unscaled);
+        ``row_state`` is unused (always ``None`` from ``row_state``)."""
         if self.m2 > 0.0:
             if self.straight_through:
                 with torch.no_grad():

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from pfc_ds import phases
+from pfc_ds.head.adaface import AdaFace
 from pfc_ds.head.bank import (
     ROW_STATES,
     STORAGE_DTYPES,
@@ -181,7 +181,7 @@ class PartialFC(torch.nn.Module):
 
     def __init__(
         self,
-        margin_loss: CombinedMarginLoss,
+        margin_loss: CombinedMarginLoss | AdaFace,
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
@@ -219,7 +219,7 @@ class PartialFC(torch.nn.Module):
                 else "cpu"
             )
         device = torch.device(device)
-        self.margin_loss = margin_loss
+        self.margin_loss = margin_loss.to(device)  # AdaFace's statistics live beside the bank
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.world_size, self.rank = world_size, rank
@@ -438,8 +438,13 @@ class PartialFC(torch.nn.Module):
         with phases.span("head/gather"):  # prefetched: only the wait is left
             rows = w.current_rows()
         target = self.sampler.targets(w.index, w.labels[k])
+        embeddings = embeddings.to(self.bank.device)
+        # F.normalize's own arithmetic, keeping the norms: AdaFace's statistics are those of the
+        # global batch, every rank computing them from the same gathered rows (no collective).
+        norms = embeddings.norm(2, 1, keepdim=True)
+        row_state = self.margin_loss.row_state(norms.detach().squeeze(1))
         return margin_softmax_cross_entropy(
-            F.normalize(embeddings.to(self.bank.device), dim=1),
+            embeddings / norms.clamp_min(1e-12).expand_as(embeddings),
             rows,
             target,
             self.margin_loss,
@@ -449,6 +454,7 @@ class PartialFC(torch.nn.Module):
             gemm_dtype=self.gemm_dtype,
             chunk=self.chunk,
             workspace=self.workspace,
+            row_state=row_state,
         )
 
     # ---- what the optimizers see -------------------------------------------------------------
@@ -498,7 +504,8 @@ class PartialFC(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """This rank's shard as live references (no copy of the bank): weight, optimizer row
         states (``momentum``, AdamW's moments and steps), RNG states and the sharding it belongs
-        to. Copy what you keep past the next step."""
+        to. Copy what you keep past the next step. The margin's state (AdaFace's running
+        statistics, replicated on every rank) follows as ``margin_loss.<name>``."""
         self.bank.flush()
         destination[prefix + "weight"] = self.weight.detach()
         destination[prefix + "momentum"] = None  # always present (older readers expect it)
@@ -535,10 +542,24 @@ class PartialFC(torch.nn.Module):
                 + "; ".join(wrong)
                 + "); reshard it with `python -m pfc_ds.tools.reshard`"
             )
+        self._check_margin_state(state)
         self.bank.load(own["weight"], {k: own.get(k) for k in ROW_STATES})
         self.sampler.load_state(own["rng"])
         self.bank.rounding.load_state(own["rounding_rng"])
         self.clear_window()
+
+    def _check_margin_state(self, state: dict) -> None:
+        """The checkpoint's margin state must be this margin's: an AdaFace head resumed without
+        its statistics would silently restart them, and a CombinedMarginLoss head has none to
+        take (the margin cannot change across a resume)."""
+        theirs = sorted(k for k in state if k.startswith("margin_loss."))
+        mine = sorted("margin_loss." + k for k in self.margin_loss.state_dict())
+        if theirs != mine:
+            raise ValueError(
+                f"head state_dict holds margin state {theirs or 'none'}, this head's margin "
+                f"{type(self.margin_loss).__name__} has {mine or 'none'}: resume with the margin "
+                "the head was trained with (AdaFace keeps its running norm statistics there)"
+            )
 
 
 def _split_micro_batches(

@@ -11,7 +11,9 @@ resharded run is deterministic for a given seed; the trainer passes a seed deriv
 config seed and the step of the checkpoint. With ``sample_rate = 1`` the RNG is never drawn from
 and nothing changes at all. The rounding state ``rounding_rng`` (the run's seed and the
 optimizer step that key half-precision stochastic rounding) does not depend on the sharding and
-is kept. A reshard to the *same* world size keeps every RNG state.
+is kept. A reshard to the *same* world size keeps every RNG state. The margin's state
+(``margin_loss.*``: AdaFace's running norm statistics) is replicated, identical on every rank, so
+it is copied as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pfc_ds.head.bank import ROW_STATES
 from pfc_ds.head.sharding import overlaps, shard_range
 
 Shard = dict
+MARGIN_PREFIX = "margin_loss."  # the margin's state in a shard (replicated on every rank)
 
 
 def shard_meta(shards: Sequence[Shard]) -> tuple[int, int, int]:
@@ -109,10 +112,10 @@ def shard_header(
     seed: int,
 ) -> Shard:
     """The non-row keys of ``dst_rank``'s shard: sampler RNG (kept when the world size is,
-    re-seeded otherwise), the rounding state (kept: the same on every rank), and the sharding
-    meta. ``first`` is the first overlapping source shard."""
+    re-seeded otherwise), the rounding state and the margin's state (kept: the same on every
+    rank), and the sharding meta. ``first`` is the first overlapping source shard."""
     start, num = shard_range(num_classes, dst_world, dst_rank)
-    extra = {}
+    extra = {k: v.clone() for k, v in first.items() if k.startswith(MARGIN_PREFIX)}
     if first.get("rounding_rng") is not None:
         extra["rounding_rng"] = first["rounding_rng"].clone()
     if src_world == dst_world:

@@ -87,6 +87,15 @@ def build_loader(cfg: Config, *, rank: int, world_size: int, device: torch.devic
     return loader, d.num_classes if d.num_classes is not None else loader.num_classes
 
 
+def make_margin(h: HeadConfig) -> pfc_ds.CombinedMarginLoss | pfc_ds.AdaFace:
+    """The margin of a ``head:`` section: ``adaface`` by name, else ``[m1, m2, m3]``."""
+    if h.margin == "adaface":
+        return pfc_ds.AdaFace(h.scale, h.adaface_m, h.adaface_h, h.adaface_t_alpha)
+    return pfc_ds.CombinedMarginLoss(
+        h.scale, *h.margin, interclass_filtering_threshold=h.interclass_filtering_threshold
+    )
+
+
 def make_head(
     h: HeadConfig,
     *,
@@ -99,11 +108,8 @@ def make_head(
     """The Partial FC head of a ``head:`` section (the one mapping from config to head; the
     scaling sweep builds its heads here too). ``precision`` resolves ``gemm_dtype: auto``."""
     gemm = precision if h.gemm_dtype == "auto" else h.gemm_dtype
-    margin = pfc_ds.CombinedMarginLoss(
-        h.scale, *h.margin, interclass_filtering_threshold=h.interclass_filtering_threshold
-    )
     return pfc_ds.PartialFC(
-        margin,
+        make_margin(h),
         embedding_size=embedding_size,
         num_classes=num_classes,
         sample_rate=h.sample_rate,

@@ -9,6 +9,7 @@ into it by ``engine.build_ds_config``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ SAVE_FAILURES = ("error", "warn")
 ON_DIVERGENCE = ("stop", "rollback")
 MAX_CONSECUTIVE_SKIPS = 50
 GEMM_DTYPES = ("auto", "fp32", "fp16", "bf16")
+MARGIN_NAMES = ("adaface",)  # head.margin by name; a list is CombinedMarginLoss's [m1, m2, m3]
 
 
 class ConfigError(ValueError):
@@ -45,8 +47,13 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    margin: list = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3): ArcFace
+    # [m1, m2, m3] of CombinedMarginLoss (the default is ArcFace; [1, 0, 0.4] CosFace), or
+    # adaface: AdaFace with adaface_m, adaface_h and adaface_t_alpha (head.md)
+    margin: list | str = field(default_factory=lambda: [1.0, 0.5, 0.0])
     scale: float = 64.0
+    adaface_m: float = 0.4  # AdaFace's margin m
+    adaface_h: float = 0.333  # how far a feature norm moves AdaFace's margin (0: CosFace)
+    adaface_t_alpha: float = 0.01  # momentum of AdaFace's running norm statistics
     sample_rate: float = 1.0
     interclass_filtering_threshold: float = 0.0
     dtype: str = "fp32"  # storage dtype of the class centres
@@ -207,8 +214,7 @@ class Config:
         _choice("head.bank", self.head.bank, BANKS)
         if self.head.bank == "disk" and not self.head.bank_path:
             raise ConfigError("head.bank: disk needs head.bank_path (a folder for its files)")
-        if len(self.head.margin) != 3:
-            raise ConfigError(f"head.margin must be [m1, m2, m3], got {self.head.margin!r}")
+        self._validate_margin()
         if not 0.0 <= self.head.sample_rate <= 1.0:  # 0: positives only, as in the head
             raise ConfigError(f"head.sample_rate must be in [0, 1], got {self.head.sample_rate}")
         if self.data.num_classes is None and self.data.source == "synthetic":
@@ -244,6 +250,24 @@ class Config:
                 raise ConfigError(f"eval.sets: {path} is not a file")
         self._validate_train()
         self.head_optimizer()
+
+    def _validate_margin(self) -> None:
+        h = self.head
+        named = isinstance(h.margin, str)
+        if (h.margin not in MARGIN_NAMES) if named else len(h.margin) != 3:
+            raise ConfigError(f"head.margin must be [m1, m2, m3] or adaface, got {h.margin!r}")
+        if named and h.interclass_filtering_threshold > 0:
+            raise ConfigError(
+                "head.interclass_filtering_threshold applies to [m1, m2, m3] margins; "
+                "head.margin: adaface filters no negatives"
+            )
+        for key, value, ok, want in (
+            ("head.adaface_m", h.adaface_m, lambda v: 0 <= v < math.pi / 2, "in [0, pi/2)"),
+            ("head.adaface_h", h.adaface_h, lambda v: v >= 0, ">= 0"),
+            ("head.adaface_t_alpha", h.adaface_t_alpha, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ):
+            if not ok(value):
+                raise ConfigError(f"{key} must be {want}, got {value}")
 
     def _validate_train(self) -> None:
         t, o = self.train, self.optim
@@ -355,6 +379,15 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path} must not be null")
+    members = [a for a in args if a is not type(None)]
+    if len(members) > 1:  # list | str: the first type the value is
+        for member in members:
+            try:
+                return _coerce(path, value, member)
+            except ConfigError:
+                pass
+        want = " or ".join(m.__name__ for m in members)
+        raise ConfigError(f"{path} must be {want}, got {value!r}")
     base = next(a for a in args if a is not type(None)) if optional else hint
     if base is bool:
         if isinstance(value, bool):
