@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_rank_logging(rank)
     from pfc_ds.train import USER_ERRORS, Trainer
+    from pfc_ds.train.distributed import shutdown
     from pfc_ds.train.divergence import DivergenceError
     from pfc_ds.train.network import GlooInterfaceError
     from pfc_ds.train.peers import EXIT_CODE, PeerFailure
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_CODE)
+    shutdown()
     return 143 if trainer.stopped_by_signal else 0
 
 

@@ -462,12 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ["RANK"])
     setup_rank_logging(rank)
 
+    from pfc_ds.train.distributed import shutdown
+
     try:
         res = run_rank(args)
     except USER_ERRORS as exc:
         if rank == 0:
             print(f"pfc_ds.profile: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    shutdown()
     if res is None:
         return 0
     out = Path(args.output)
