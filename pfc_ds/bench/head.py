@@ -9,16 +9,18 @@ Every variant runs in its own fresh process so its peak RSS is its own. Variants
   ``torch.optim.SGD`` (dense gradient, dense momentum, passive updates of unsampled rows);
 * ``dense_fc``: the plain model-parallel FC at one rank: every class, dense Parameter + SGD.
 
-The floor is the step's GEMM FLOPs over a GEMM rate measured on the same shapes, plus the bytes
-the sampled rows must move (read and write weight and momentum) over a measured bandwidth, given
-two ways: a streaming copy of 256 MB (which a large last-level cache may hold), and the bank's
-own access, a gather and a scatter of the ``S`` sampled rows of a ``C``-row fp32 bank (rows
-spread over gigabytes, as the head's are).
+The floor is the step's GEMM FLOPs over a GEMM rate measured on the same shapes (into
+preallocated outputs, as the head's), plus the bytes the sampled rows must move (read and write
+weight and momentum) over a measured bandwidth, given two ways: a streaming copy of buffers
+larger than the last-level cache, and the bank's own access, a gather and a scatter of a fresh
+random set of ``S`` rows of a ``C``-row fp32 bank at each repetition.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import json
 import os
 import platform
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,32 +128,54 @@ def _dense_step(args, rate):
     return step
 
 
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs reports (0 if none): the floor's buffers must exceed it, or
+    they measure the cache instead of memory (this machine reports a 480 MB L3)."""
+    best = 0
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = Path(f).read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        with contextlib.suppress(ValueError):
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    return best
+
+
 def _floor(args) -> dict:
-    """GEMM rate on the step's three GEMM shapes and copy bandwidth, measured now."""
+    """GEMM rate on the step's three GEMM shapes and memory bandwidths, measured now, each the
+    way the head works: GEMMs into preallocated outputs (the head's workspace; a fresh output
+    costs page faults a CPU GEMM does not need), a copy of buffers larger than the last-level
+    cache, and a gather plus scatter of a fresh random set of ``S`` rows of a ``C``-row bank at
+    every repetition (repeating one set would find its rows in the cache)."""
     s, dev = int(args.rate * args.classes), args.device
     # A GPU's GEMMs run in fp16 (as the pfc_fp16 variant's), a CPU's in fp32.
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     a = torch.randn(args.batch, args.dim, device=dev, dtype=dtype)
     w = torch.randn(s, args.dim, device=dev, dtype=dtype)
     g = torch.randn(args.batch, s, device=dev, dtype=dtype)
+    outs = [torch.empty(args.batch, s, device=dev, dtype=dtype),
+            torch.empty(args.batch, args.dim, device=dev, dtype=dtype),
+            torch.empty(s, args.dim, device=dev, dtype=dtype)]  # fmt: skip
 
     def gemms():
-        a @ w.t()  # logits
-        g @ w  # dL/demb
-        g.t() @ a  # dL/drows
+        torch.mm(a, w.t(), out=outs[0])  # logits
+        torch.mm(g, w, out=outs[1])  # dL/demb
+        torch.mm(g.t(), a, out=outs[2])  # dL/drows
 
     t = _timeit(gemms, args.steps, 2, dev)
     flops = 3 * 2 * args.batch * args.dim * s
-    src = torch.randn(64 * 1024 * 1024 // 4 * 4, device=dev)  # 256 MB
+    a = w = g = outs = None
+    size = max(256 << 20, 2 * _last_level_cache_bytes()) if dev == "cpu" else 256 << 20
+    src = torch.randn(size // 4, device=dev)
     dst = torch.empty_like(src)
-    src_bytes = src.numel() * 4
     tc = _timeit(lambda: dst.copy_(src), args.steps, 2, dev)
-    src = dst = None  # free the copy's 512 MB before the bank
+    src = dst = None  # free the copy's buffers before the bank
     bank = torch.empty(args.classes, args.dim, device=dev).normal_()
-    rows = torch.randperm(args.classes, device=dev)[:s].sort().values
+    sets = [torch.randperm(args.classes, device=dev)[:s].sort().values
+            for _ in range(args.steps + 2)]  # fmt: skip
     out = torch.empty(s, args.dim, device=dev)
 
     def gather_scatter():
+        rows = sets.pop()
         torch.index_select(bank, 0, rows, out=out)
         bank.index_copy_(0, rows, out)
 
@@ -158,7 +183,7 @@ def _floor(args) -> dict:
     return {
         "gemm_flops": flops,
         "gemm_rate": flops / t,
-        "bandwidth": 2 * src_bytes / tc,
+        "bandwidth": 2 * size / tc,
         "row_bandwidth": 4 * s * args.dim * 4 / tr,  # read + write of each, as the copy's
     }
 
@@ -177,19 +202,18 @@ def worker(args) -> dict:
     return {"step_s": t, "peak_rss_mb": _peak_mb(args.device), "import_rss_mb": base}
 
 
+BEFORE = " (before)"  # a variant run from the --before tree's code
+
+
 def run_variant(args, variant: str, classes: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pfc_ds.bench.head",
-        "--worker",
-        variant,
-        "--classes",
-        str(classes),
-    ]
+    worker = variant.removesuffix(BEFORE)
+    cmd = [sys.executable, "-m", "pfc_ds.bench.head", "--worker", worker]
+    cmd += ["--classes", str(classes)]
     for k in ("dim", "batch", "rate", "steps", "warmup", "threads", "device"):
         cmd += [f"--{k}", str(getattr(args, k))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if variant.endswith(BEFORE):  # that tree's pfc_ds first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.before, env.get("PYTHONPATH")]))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -212,7 +236,7 @@ def measure(args, classes: int, variants, repeats: int = 1) -> dict:
         for v in variants:
             r = run_variant(args, v, classes)
             print(
-                f"  C={classes:>9,} {v:10s} {r['step_s'] * 1e3:9.1f} ms  "
+                f"  C={classes:>9,} {v:19s} {r['step_s'] * 1e3:9.1f} ms  "
                 f"peak RSS {r['peak_rss_mb']:8.0f} MB",
                 flush=True,
             )
@@ -259,11 +283,11 @@ def render(args, main: dict, sweep: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     base = main["dense_pfc"]
-    for v in VARIANTS:
+    for v in [name + tag for name in VARIANTS for tag in ("", BEFORE)]:
         if v not in main:
             continue
         r = main[v]
-        half = v == "pfc_fp16"
+        half = v.startswith("pfc_fp16")
         fl = main["floor_fp16_s"] if half else main["floor_fp32_s"]
         rfl = main["rows_floor_fp16_s"] if half else main["rows_floor_fp32_s"]
         lines.append(
@@ -316,6 +340,12 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", default="", help="comma-separated class counts, e.g. 100000,2000000")
     p.add_argument("--sweep-dense-fc", action="store_true", help="include dense_fc in the sweep")
     p.add_argument("--skip-dense-fc", action="store_true")
+    p.add_argument(
+        "--before",
+        default="",
+        help="a checkout (e.g. a git worktree of an earlier commit): its pfc variants run in "
+        "the same rounds, as 'pfc_fp32 (before)'",
+    )
     p.add_argument("--write", action="store_true", help="rewrite the head section of BENCHMARKS.md")
     p.add_argument("--worker", choices=(*VARIANTS, "floor"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -323,6 +353,8 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     variants = [v for v in VARIANTS if not (args.skip_dense_fc and v == "dense_fc")]
+    if args.before:
+        variants += [v + BEFORE for v in VARIANTS if v.startswith("pfc_")]
     print(f"main point C={args.classes:,}", flush=True)
     main_res = measure(args, args.classes, variants, repeats=args.repeats)
     sweep = []
