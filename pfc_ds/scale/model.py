@@ -90,7 +90,7 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
     blk = min(s, max(1, _partial_fc.ROW_BLOCK_BYTES // (4 * d)))
     slots = 1 if h.bank == "device" else 2
     staged = max(1, _bank.GATHER_BLOCK // d)
-    ws = s * d * 4  # "grad": dL/drows of the window (Window.grad_buffer)
+    ws = s * d * 4 + s * 4  # "grad" and "coef": dL/drows of the window (Window.grad_buffer)
     if not whole:
         ws += s * d * row  # "rows": the gathered rows (PartialFC.prefetch)
     ws += slots * blk * d * 4 if row != 4 else 0  # "weight_block{slot}": fp32 copies of half rows
