@@ -78,14 +78,15 @@ class RowSparseOptimizer:
             apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
             rg.grad.masked_fill_(~apply, 0.0)
             rg.coef.masked_fill_(~apply.reshape(-1) if apply.dim() else ~apply, 0.0)
-            scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=rg.grad.device)
+            # A Python scale stays one (no host-to-device copy for a number).
+            scale = grad_scale if isinstance(grad_scale, torch.Tensor) else float(grad_scale)
             self._update(rg, apply, apply.to(torch.float32), scale)
         finally:
             self.head.clear_window()  # after the last write is queued: its index buffer is free
         return rg.finite
 
     def _update(
-        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | float
     ) -> None:
         """Update the window's rows with the gradient ``(grad + coef * w) / scale``."""
         raise NotImplementedError

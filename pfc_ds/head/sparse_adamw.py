@@ -39,12 +39,12 @@ class SparseAdamW(RowSparseOptimizer):
             head.bank.ensure_state(name)
 
     def _update(
-        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | float
     ) -> None:
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         bank, ws = self.head.bank, self.head.workspace
-        inv = scale.reciprocal()
+        inv = scale.reciprocal() if isinstance(scale, torch.Tensor) else 1.0 / scale
         for b in self._blocks(rg, apply, on, ("steps", "exp_avg", "exp_avg_sq")):
             g, w, a, o = b.grad, b.weight, b.apply, b.on
             steps, m, v = b.states["steps"], b.states["exp_avg"], b.states["exp_avg_sq"]

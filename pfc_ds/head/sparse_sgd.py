@@ -35,25 +35,29 @@ class SparseSGD(RowSparseOptimizer):
             head.bank.ensure_state("momentum")
 
     def _update(
-        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor
+        self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | float
     ) -> None:
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         bank = self.head.bank
         if mom:
             bank.ensure_state("momentum")
-        inv = scale.reciprocal()
+        inv = scale.reciprocal() if isinstance(scale, torch.Tensor) else 1.0 / scale
         # An fp32 bank at sample_rate 1 is updated in place: its momentum is fp32 too.
         reads = ("momentum",) if mom and not rg.full else ()
         for b in self._blocks(rg, apply, on, reads):
             g, w = b.grad, b.weight
             # g <- scale * (dL/dw + wd * w): the normalisation's coefficient and the weight
             # decay in one pass (per-row factor; 0 where nothing applies).
-            g.addcmul_(w, torch.addcmul(b.coef[:, None], b.on, wd * scale))
+            g.addcmul_(w, b.coef[:, None] + b.on * (wd * scale))
             if mom:
                 buf = bank.momentum[b.r0 : b.r1] if rg.full else b.states["momentum"]
                 # Where nothing applies: buf * 1 + 0 and w + buf * 0, both exact.
-                buf.mul_(torch.where(b.apply, mom, 1.0)).addcmul_(g, inv)
+                buf.mul_(torch.where(b.apply, mom, 1.0))
+                if isinstance(inv, float):
+                    buf.add_(g, alpha=inv)
+                else:
+                    buf.addcmul_(g, inv)
                 torch.addcmul(w, buf, b.on * -lr, out=w)
             else:
                 torch.addcmul(w, g, b.on * (-lr * inv), out=w)
