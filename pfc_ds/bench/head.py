@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import pfc_ds
 from pfc_ds.bench.sections import write_section
 
 VARIANTS = ("pfc_fp32", "pfc_fp16", "dense_pfc", "dense_fc")
@@ -199,7 +200,12 @@ def worker(args) -> dict:
     else:
         step = _dense_step(args, args.rate if args.worker == "dense_pfc" else 1.0)
     t = _timeit(step, args.steps, args.warmup, args.device)
-    return {"step_s": t, "peak_rss_mb": _peak_mb(args.device), "import_rss_mb": base}
+    return {
+        "step_s": t,
+        "peak_rss_mb": _peak_mb(args.device),
+        "import_rss_mb": base,
+        "source": os.path.realpath(pfc_ds.__file__),  # which tree's head ran (--before)
+    }
 
 
 BEFORE = " (before)"  # a variant run from the --before tree's code
@@ -207,15 +213,21 @@ BEFORE = " (before)"  # a variant run from the --before tree's code
 
 def run_variant(args, variant: str, classes: int) -> dict:
     worker = variant.removesuffix(BEFORE)
-    cmd = [sys.executable, "-m", "pfc_ds.bench.head", "--worker", worker]
+    # This file as a script: its own directory, not the cwd, heads the path, so PYTHONPATH
+    # decides which tree's pfc_ds it imports (``-m`` would put the cwd's first).
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker]
     cmd += ["--classes", str(classes)]
     for k in ("dim", "batch", "rate", "steps", "warmup", "threads", "device"):
         cmd += [f"--{k}", str(getattr(args, k))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if variant.endswith(BEFORE):  # that tree's pfc_ds first on the path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.before, env.get("PYTHONPATH")]))
+    tree = os.path.realpath(args.before) if variant.endswith(BEFORE) else None
+    if tree:  # that tree's pfc_ds first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if tree and not res["source"].startswith(tree + os.sep):
+        raise RuntimeError(f"{variant} imported {res['source']}, not the tree {tree}")
+    return res
 
 
 def floor_seconds(

@@ -357,6 +357,20 @@ class CenterBank:
         if new_momentum is not None:
             self.write_state("momentum", rows, new_momentum, check=check_momentum)
 
+    def direct_rows(self, *states: str) -> tuple[torch.Tensor, ...] | None:
+        """The weight and the named row states, for an update that writes its rows itself in
+        the pass that computes them (``row_kernels``); ``None`` where writes must go through
+        ``apply_update``: half storage rounds stochastically, an offloaded bank writes through
+        its lane. A direct writer reports the finiteness of what it wrote to ``note_finite``."""
+        if not self.resident:
+            return None
+        tensors = (self.weight, *(self.ensure_state(name) for name in states))
+        return tensors if all(t.dtype == torch.float32 for t in tensors) else None
+
+    def note_finite(self, finite: torch.Tensor) -> None:
+        """Fold a direct writer's 0-dim device bool (all it wrote is finite) into the flag."""
+        self._finite = self.all_finite() & finite
+
     def _write(self, target: torch.Tensor, rows: RowIndex, values: torch.Tensor) -> None:
         """Store ``values`` (already in ``target``'s dtype) at ``rows``."""
         target.index_copy_(0, rows.storage, values)

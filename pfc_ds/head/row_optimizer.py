@@ -76,8 +76,6 @@ class RowSparseOptimizer:
         try:
             self.head.bank.next_step()  # a fresh rounding key for this step's writes
             apply = rg.finite if rg.mask is None else (rg.finite & rg.mask)[:, None]
-            rg.grad.masked_fill_(~apply, 0.0)
-            rg.coef.masked_fill_(~apply.reshape(-1) if apply.dim() else ~apply, 0.0)
             # A Python scale stays one (no host-to-device copy for a number).
             scale = grad_scale if isinstance(grad_scale, torch.Tensor) else float(grad_scale)
             self._update(rg, apply, apply.to(torch.float32), scale)
@@ -88,8 +86,16 @@ class RowSparseOptimizer:
     def _update(
         self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | float
     ) -> None:
-        """Update the window's rows with the gradient ``(grad + coef * w) / scale``."""
+        """Update the window's rows with the gradient ``(grad + coef * w) / scale`` where
+        ``apply``; every other row keeps its weight and states bit-identical."""
         raise NotImplementedError
+
+    @staticmethod
+    def _mask(rg: RowGrads, apply: torch.Tensor) -> None:
+        """Zero the gradient where nothing applies, so that torch ops over every row (whose
+        factors are 0 or 1 there) are exact no-ops even where it is inf or NaN."""
+        rg.grad.masked_fill_(~apply, 0.0)
+        rg.coef.masked_fill_(~apply.reshape(-1) if apply.dim() else ~apply, 0.0)
 
     def _blocks(
         self, rg: RowGrads, apply: torch.Tensor, on: torch.Tensor, states: tuple[str, ...]

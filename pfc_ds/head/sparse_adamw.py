@@ -44,6 +44,7 @@ class SparseAdamW(RowSparseOptimizer):
         group = self.param_groups[0]
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         bank, ws = self.head.bank, self.head.workspace
+        self._mask(rg, apply)
         inv = scale.reciprocal() if isinstance(scale, torch.Tensor) else 1.0 / scale
         for b in self._blocks(rg, apply, on, ("steps", "exp_avg", "exp_avg_sq")):
             g, w, a, o = b.grad, b.weight, b.apply, b.on

@@ -47,6 +47,9 @@ class HeadSpec:
     rank: int = 0  # the largest shard is rank 0's
     grad_accum: int = 1  # micro-batches per optimizer step: one sample for all of them
     device: str = "cuda"  # where the head computes (a CPU rounds in smaller passes)
+    # On a CPU: SparseSGD runs its compiled row kernel (``row_kernels``), which writes an fp32
+    # device bank directly and needs no momentum block; False where it cannot be built.
+    cpu_kernel: bool = True
 
     @property
     def num_local(self) -> int:
@@ -106,7 +109,9 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
     ws += blk * d * 2 if rounds else 0
     ws += scratch_elements(blk, d, h.device) * 4 if rounds else 0
     if h.optimizer == "sgd":
-        ws += 0 if full else slots * blk * d * 4  # "momentum{slot}" (SparseSGD)
+        # "momentum{slot}" (SparseSGD), but for the compiled kernel's direct writes
+        direct = h.device == "cpu" and h.cpu_kernel and h.bank == "device" and store == mom == 4
+        ws += 0 if full or direct else slots * blk * d * 4
     else:  # "exp_avg{slot}", "exp_avg_sq{slot}", "steps{slot}", "adam_denom"
         ws += slots * (2 * blk * d * 4 + blk * 4) + blk * d * 4
     chunk = h.chunk or chunk_size(nb, s)

@@ -1,0 +1,147 @@
+"""The row-sparse SGD update as one compiled CPU pass per row, where a C++ compiler is present.
+
+The eager update (``SparseSGD``'s fallback) makes about twenty passes over the window's
+``S x D`` rows: fold the normalisation's coefficient and the weight decay into the gradient,
+scale and add the momentum, step the weight, check the result, gather and scatter the
+momentum and the weight. ``csrc/row_sgd.cpp`` reads each row's weight, gradient and momentum
+once and writes weight and momentum once (into the bank directly, for an fp32 device bank),
+with the finite check in the same pass. At 1M ids x 512 and 100k sampled rows on two cores
+the update takes about half the eager time (``BENCHMARKS.md``).
+
+The extension is compiled once per venv (``python -m pfc_ds.head.row_kernels``, run by the
+Makefile's setup; about 30 s) into ``<venv>/torch_extensions``. Where it cannot be built or
+loaded (no compiler, a read-only venv) or ``PFC_DS_ROW_KERNELS=eager`` is set, the optimizer
+runs the eager update, with one log line saying why. The kernel is used for CPU tensors only:
+CUDA runs the eager ops, which are single fused launches there anyway.
+
+Both kernels compute the same arithmetic element by element (contraction into FMAs is off),
+so a bank updated block by block in place (host and disk banks, half storage) and a device
+bank updated by the scatter stay bit-identical to each other, as the eager paths do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "pfc_ds_row_sgd"
+SOURCE = Path(__file__).with_name("csrc") / "row_sgd.cpp"
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no -march=native: a venv may move hosts
+_ENV = "PFC_DS_ROW_KERNELS"
+
+_loaded: ModuleType | None = None
+_tried = False
+
+
+def build_directory() -> Path:
+    """Where the compiled kernel lives: ``$TORCH_EXTENSIONS_DIR`` or ``<venv>/torch_extensions``
+    (one build per venv, as for DeepSpeed's CPU comm op)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
+    return Path(root) / NAME
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernels (built on first use if need be), or ``None`` where they cannot be
+    had; tried once per process."""
+    global _loaded, _tried
+    if _tried:
+        return _loaded
+    _tried = True
+    if os.environ.get(_ENV, "").lower() == "eager":
+        log.info("%s=eager: the row-sparse SGD update runs eager ops", _ENV)
+        return None
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        out = build_directory()
+        out.mkdir(parents=True, exist_ok=True)
+        _loaded = load_extension(
+            NAME,
+            [str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(out),
+            verbose=verbose,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only venv: the eager update works
+        log.warning(
+            "row-sparse SGD kernel not available (%s: %s); the eager update runs instead",
+            type(e).__name__,
+            str(e).strip().splitlines()[-1] if str(e).strip() else "",
+        )
+        _loaded = None
+    return _loaded
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels can take these tensors: all on the CPU, and built."""
+    return all(t.device.type == "cpu" for t in tensors) and load() is not None
+
+
+def _scale(scale: torch.Tensor | float) -> torch.Tensor:
+    # A CPU 0-dim tensor; the kernel reads its value (a CPU read, no device sync).
+    return scale if isinstance(scale, torch.Tensor) else torch.full((), float(scale))
+
+
+def _on(on: torch.Tensor) -> torch.Tensor:
+    return on.reshape(-1)
+
+
+def sgd_block_(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    momentum: torch.Tensor | None,
+    coef: torch.Tensor,
+    on: torch.Tensor,
+    scale: torch.Tensor | float,
+    lr: float,
+    mom: float,
+    wd: float,
+) -> None:
+    """Update ``weight`` and ``momentum`` (fp32 rows, contiguous) in place from ``grad +
+    coef * weight`` loss-scaled by ``scale``; rows where ``on`` (per row, or one value) is 0
+    are left alone and their gradient not read."""
+    empty = torch.empty(0)
+    load().sgd_block(
+        weight, grad, empty if momentum is None else momentum, coef, _on(on), _scale(scale),
+        lr, mom, wd,
+    )  # fmt: skip
+
+
+def sgd_scatter(
+    bank_weight: torch.Tensor,
+    bank_momentum: torch.Tensor | None,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    coef: torch.Tensor,
+    on: torch.Tensor,
+    scale: torch.Tensor | float,
+    lr: float,
+    mom: float,
+    wd: float,
+) -> torch.Tensor:
+    """As ``sgd_block_``, reading the window's fp32 rows ``weight`` and writing the new weights
+    and momenta straight into the fp32 bank tensors at the distinct rows ``index``. Returns a
+    0-dim bool: every new weight is finite (an fp32 momentum is non-finite only where the
+    weight it steps is)."""
+    empty = torch.empty(0)
+    return load().sgd_scatter(
+        bank_weight, empty if bank_momentum is None else bank_momentum, index, weight, grad,
+        coef, _on(on), _scale(scale), lr, mom, wd,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if load(verbose=False) is None:
+        print("row-sparse SGD kernel not built: the eager update will run")
+    else:
+        print(f"built {NAME} in {build_directory()}")
