@@ -10,8 +10,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/python -m pfc_ds.train.distributed  # DeepSpeed's CPU comm op, compiled once per venv
-	$(BIN)/python -m pfc_ds.head.row_kernels  # the head's row-sparse SGD kernel, likewise
+	$(BIN)/python -m pfc_ds.train.distributed  # DeepSpeed's CPU comm op and the head's row kernel, compiled once per venv
 	touch $@
 
 train: $(BIN)/.installed

@@ -10,6 +10,8 @@ import torch
 
 import pfc_ds
 from pfc_ds.head import row_kernels
+from pfc_ds.head.bank import DirectRows
+from pfc_ds.head.rounding import step_key, stochastic_round
 
 pytestmark = pytest.mark.skipif(
     row_kernels.load() is None, reason="no C++ compiler: the eager update is the only one"
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 N, D, S = 300, 24, 90
 
 
-def _case(seed: int = 0, per_row: bool = True):
+def _case(seed: int = 0, per_row: bool = True, D: int = D):
     g = torch.Generator().manual_seed(seed)
     bank_w = torch.randn(N, D, generator=g) * 0.1
     bank_m = torch.randn(N, D, generator=g) * 0.01
@@ -31,6 +33,11 @@ def _case(seed: int = 0, per_row: bool = True):
         on[::5] = 0.0
         grad[::5] = float("nan")  # masked rows: their gradient must not be read
     return bank_w, bank_m, index, rows, grad, coef, on
+
+
+def _direct(bank_w, bank_m=None, keys=((0, 0), (0, 0)), row_offset=0):
+    tensors = (bank_w,) if bank_m is None else (bank_w, bank_m)
+    return DirectRows(tensors, keys, row_offset)
 
 
 def _eager(bank_w, bank_m, index, rows, grad, coef, on, scale, lr, mom, wd):
@@ -59,9 +66,7 @@ def test_scatter_matches_float64_and_the_block_kernel_bit_for_bit(mom, scale, pe
     ref_w, ref_m = _eager(bank_w, bank_m, index, rows, grad, coef, on, float(s), lr, mom, wd)
 
     w1, m1 = bank_w.clone(), bank_m.clone()
-    ok = row_kernels.sgd_scatter(
-        w1, m1 if mom else None, index, rows, grad, coef, on, s, lr, mom, wd
-    )
+    ok = row_kernels.sgd_scatter(_direct(w1, m1), index, rows, grad, coef, on, s, lr, mom, wd)
     assert ok.dtype == torch.bool and bool(ok)
     assert torch.allclose(w1.double(), ref_w, rtol=1e-6, atol=1e-7)
     if mom:
@@ -78,11 +83,78 @@ def test_scatter_matches_float64_and_the_block_kernel_bit_for_bit(mom, scale, pe
         assert torch.equal(m2, m1[index])
 
 
+@pytest.mark.parametrize("store", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mom_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("dim", [24, 21])
+@pytest.mark.parametrize("f16c", [True, False])
+def test_half_scatter_rounds_with_the_banks_own_bits(store, mom_dtype, dim, f16c):
+    """Into fp16/bf16 storage the scatter equals the fp32 update followed by
+    ``rounding.stochastic_round`` with the step's keys, bit for bit (rows with a global offset,
+    so the rounding's row ids are the global ones), with F16C's conversions and without, on
+    whole vectors of 8 and with a tail."""
+    mom_dtype = store if mom_dtype == "same" else mom_dtype
+    was = row_kernels.load().set_f16c(f16c)
+    try:
+        _half_scatter(store, mom_dtype, dim)
+    finally:
+        row_kernels.load().set_f16c(was)
+
+
+def _half_scatter(store, mom_dtype, dim):
+    bank_w, bank_m, index, rows, grad, coef, on = _case(seed=3, D=dim)
+    for i, (col, value) in enumerate([(3, 3e-6), (0, -7e-8)], start=2):
+        # New values in fp16's subnormal range: rounded to nearest after the random bits.
+        bank_w[index[i], col], bank_m[index[i], col], grad[i, col] = value, 0.0, 0.0
+    bank_w, bank_m = bank_w.to(store), bank_m.to(mom_dtype)
+    rows = bank_w[index].float()
+    keys, offset = (step_key(7, 5, 1), step_key(7, 5, 2)), 123_456
+    lr, mom, wd = 0.1, 0.9, 5e-4
+
+    w1, m1 = bank_w.clone(), bank_m.clone()
+    ok = row_kernels.sgd_scatter(
+        _direct(w1, m1, keys, offset), index, rows, grad, coef, on, 64.0, lr, mom, wd
+    )
+    assert bool(ok)
+
+    w2, m2 = rows.clone(), bank_m[index].float()
+    row_kernels.sgd_block_(w2, grad, m2, coef, on, 64.0, lr, mom, wd)
+    applied = on.reshape(-1) > 0
+    gid = index + offset
+    want_w, want_m = bank_w.clone(), bank_m.clone()
+    want_w[index] = stochastic_round(w2, gid, keys[0], torch.empty_like(bank_w[index]))
+    if mom_dtype == torch.float32:
+        want_m[index] = m2
+    else:
+        want_m[index] = stochastic_round(m2, gid, keys[1], torch.empty_like(bank_m[index]))
+    # Skipped rows are not written at all (the block kernel left them as read: equal too).
+    assert torch.equal(w1[index[applied]], want_w[index[applied]])
+    assert torch.equal(m1[index[applied]], want_m[index[applied]])
+    untouched = torch.ones(N, dtype=torch.bool)
+    untouched[index[applied]] = False
+    assert torch.equal(w1[untouched], bank_w[untouched])
+    assert torch.equal(m1[untouched], bank_m[untouched])
+
+
+def test_half_overflow_is_flagged_before_rounding():
+    """An fp16 bank flags a value past 65504, as ``CenterBank._note`` does."""
+    bank_w, bank_m, index, rows, grad, coef, _ = _case()
+    bank_w, bank_m = bank_w.half(), bank_m.half()
+    rows = bank_w[index].float()
+    grad[4, 2] = 1e9  # momentum 1e9, weight -1e8: finite in fp32, not in fp16
+    on = torch.ones(S, 1)
+    ok = row_kernels.sgd_scatter(
+        _direct(bank_w, bank_m), index, rows, grad, coef, on, 1.0, 0.1, 0.9, 0.0
+    )
+    assert not bool(ok)
+
+
 def test_a_nonfinite_result_is_flagged():
     bank_w, bank_m, index, rows, grad, coef, _ = _case()
     grad[3, 7] = float("inf")
     on = torch.ones(S, 1)
-    ok = row_kernels.sgd_scatter(bank_w, bank_m, index, rows, grad, coef, on, 1.0, 0.1, 0.9, 0.0)
+    ok = row_kernels.sgd_scatter(
+        _direct(bank_w, bank_m), index, rows, grad, coef, on, 1.0, 0.1, 0.9, 0.0
+    )
     assert not bool(ok)
 
 
@@ -90,9 +162,8 @@ def test_a_window_that_is_off_changes_nothing():
     bank_w, bank_m, index, rows, grad, coef, _ = _case()
     grad[:] = float("nan")
     w, m = bank_w.clone(), bank_m.clone()
-    ok = row_kernels.sgd_scatter(
-        w, m, index, rows, grad, coef, torch.zeros(()), 1.0, 0.1, 0.9, 5e-4
-    )
+    off = torch.zeros(())
+    ok = row_kernels.sgd_scatter(_direct(w, m), index, rows, grad, coef, off, 1.0, 0.1, 0.9, 5e-4)
     assert bool(ok) and torch.equal(w, bank_w) and torch.equal(m, bank_m)
 
 
@@ -101,7 +172,9 @@ def test_wrong_layouts_raise_naming_the_tensor():
     with pytest.raises(RuntimeError, match="grad must be a contiguous CPU float32"):
         row_kernels.sgd_block_(rows, grad.t().contiguous().t(), None, coef, on, 1.0, 0.1, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="index must be a contiguous CPU int64"):
-        row_kernels.sgd_scatter(bank_w, None, index.int(), rows, grad, coef, on, 1.0, 0.1, 0.0, 0.0)
+        row_kernels.sgd_scatter(
+            _direct(bank_w), index.int(), rows, grad, coef, on, 1.0, 0.1, 0.0, 0.0
+        )
 
 
 def _train(monkeypatch, compiled: bool, dtype=torch.float32, rate=0.3):
@@ -133,9 +206,9 @@ def _train(monkeypatch, compiled: bool, dtype=torch.float32, rate=0.3):
 @pytest.mark.parametrize(
     "rate,dtype,kernel",
     [
-        (0.3, torch.float32, "sgd_scatter"),  # fp32 device bank: written in the kernel's pass
+        (0.3, torch.float32, "sgd_scatter"),  # a device bank: written in the kernel's pass
         (1.0, torch.float32, "sgd_block_"),  # the whole shard, in place
-        (0.3, torch.bfloat16, "sgd_block_"),  # half storage: rounded on the way back
+        (0.3, torch.bfloat16, "sgd_scatter"),  # half storage: rounded in the same pass
     ],
 )
 def test_sparse_sgd_with_the_kernel_follows_the_eager_update(monkeypatch, rate, dtype, kernel):

@@ -89,6 +89,17 @@ class RowIndex:
         return RowIndex(self.device[s], self.storage[s], self.ready)
 
 
+@dataclass(frozen=True)
+class DirectRows:
+    """A device bank's own tensors, lent to an update that writes its rows directly: weight
+    first, then the named states, in their storage dtypes; ``keys``: this step's rounding key
+    of each (``RoundingKey.key``); ``row_offset``: the global id of local row 0."""
+
+    tensors: tuple[torch.Tensor, ...]
+    keys: tuple[tuple[int, int], ...]
+    row_offset: int
+
+
 class CenterBank:
     """Weight rows of a contiguous shard and their optimizer states, kept on one device.
 
@@ -357,15 +368,17 @@ class CenterBank:
         if new_momentum is not None:
             self.write_state("momentum", rows, new_momentum, check=check_momentum)
 
-    def direct_rows(self, *states: str) -> tuple[torch.Tensor, ...] | None:
+    def direct_rows(self, *states: str) -> DirectRows | None:
         """The weight and the named row states, for an update that writes its rows itself in
-        the pass that computes them (``row_kernels``); ``None`` where writes must go through
-        ``apply_update``: half storage rounds stochastically, an offloaded bank writes through
-        its lane. A direct writer reports the finiteness of what it wrote to ``note_finite``."""
+        the pass that computes them (``row_kernels``); ``None`` for an offloaded bank, whose
+        writes go through its lane. A direct writer rounds half storage with this step's keys,
+        as ``_store`` would, and reports the finiteness of what it wrote to ``note_finite``."""
         if not self.resident:
             return None
+        names = ("weight", *states)
         tensors = (self.weight, *(self.ensure_state(name) for name in states))
-        return tensors if all(t.dtype == torch.float32 for t in tensors) else None
+        keys = tuple(self.rounding.key(name) for name in names)
+        return DirectRows(tensors, keys, self.row_offset)
 
     def note_finite(self, finite: torch.Tensor) -> None:
         """Fold a direct writer's 0-dim device bool (all it wrote is finite) into the flag."""

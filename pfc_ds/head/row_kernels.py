@@ -3,19 +3,22 @@
 The eager update (``SparseSGD``'s fallback) makes about twenty passes over the window's
 ``S x D`` rows: fold the normalisation's coefficient and the weight decay into the gradient,
 scale and add the momentum, step the weight, check the result, gather and scatter the
-momentum and the weight. ``csrc/row_sgd.cpp`` reads each row's weight, gradient and momentum
-once and writes weight and momentum once (into the bank directly, for an fp32 device bank),
-with the finite check in the same pass. At 1M ids x 512 and 100k sampled rows on two cores
-the update takes about half the eager time (``BENCHMARKS.md``).
+momentum and the weight, and for half storage round and convert. ``csrc/row_sgd.cpp`` reads
+each row's weight, gradient and momentum once and writes weight and momentum once (into the
+bank directly, for a device bank, rounding fp16/bf16 with ``rounding``'s bits), with the finite
+check in the same pass. At 1M ids x 512 and 100k sampled rows on two cores the update takes a
+quarter of the eager time (``BENCHMARKS.md``).
 
-The extension is compiled once per venv (``python -m pfc_ds.head.row_kernels``, run by the
-Makefile's setup; about 30 s) into ``<venv>/torch_extensions``. Where it cannot be built or
-loaded (no compiler, a read-only venv) or ``PFC_DS_ROW_KERNELS=eager`` is set, the optimizer
-runs the eager update, with one log line saying why. The kernel is used for CPU tensors only:
-CUDA runs the eager ops, which are single fused launches there anyway.
+The extension is compiled once per venv (``python -m pfc_ds.train.distributed``, the Makefile's
+setup step, builds it beside DeepSpeed's CPU comm op; about 30 s) into
+``<venv>/torch_extensions``; a process that finds it missing builds it on first use. Where it
+cannot be built or loaded (no compiler, a read-only venv) or ``PFC_DS_ROW_KERNELS=eager`` is
+set, the optimizer runs the eager update, with one log line saying why. The kernel is used for
+CPU tensors only: CUDA runs the eager ops.
 
-Both kernels compute the same arithmetic element by element (contraction into FMAs is off),
-so a bank updated block by block in place (host and disk banks, half storage) and a device
+Both kernels compute the same arithmetic element by element (contraction into FMAs is off), and
+the scatter's stochastic rounding reproduces ``rounding.stochastic_round`` bit for bit, so a bank
+updated block by block in place and then written by the bank (host and disk banks) and a device
 bank updated by the scatter stay bit-identical to each other, as the eager paths do.
 """
 
@@ -28,6 +31,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from pfc_ds.head.bank import DirectRows
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +121,7 @@ def sgd_block_(
 
 
 def sgd_scatter(
-    bank_weight: torch.Tensor,
-    bank_momentum: torch.Tensor | None,
+    bank: DirectRows,
     index: torch.Tensor,
     weight: torch.Tensor,
     grad: torch.Tensor,
@@ -129,19 +133,13 @@ def sgd_scatter(
     wd: float,
 ) -> torch.Tensor:
     """As ``sgd_block_``, reading the window's fp32 rows ``weight`` and writing the new weights
-    and momenta straight into the fp32 bank tensors at the distinct rows ``index``. Returns a
-    0-dim bool: every new weight is finite (an fp32 momentum is non-finite only where the
-    weight it steps is)."""
-    empty = torch.empty(0)
+    and momenta straight into the bank's tensors (``bank.tensors``: weight, then momentum if
+    ``mom``) at the distinct local rows ``index``: fp32 as computed, fp16/bf16 stochastically
+    rounded with the bits ``rounding.stochastic_round`` would use (``bank.keys``). Returns a
+    0-dim bool: every new weight and momentum is within its storage dtype's finite range."""
+    weights, momenta = bank.tensors[0], bank.tensors[1] if mom else torch.empty(0)
+    (w0, w1), (m0, m1) = bank.keys[0], bank.keys[1] if mom else (0, 0)
     return load().sgd_scatter(
-        bank_weight, empty if bank_momentum is None else bank_momentum, index, weight, grad,
-        coef, _on(on), _scale(scale), lr, mom, wd,
+        weights, momenta, index, weight, grad, coef, _on(on), _scale(scale), lr, mom, wd,
+        bank.row_offset, [w0, w1, m0, m1],
     )  # fmt: skip
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if load(verbose=False) is None:
-        print("row-sparse SGD kernel not built: the eager update will run")
-    else:
-        print(f"built {NAME} in {build_directory()}")

@@ -24,8 +24,8 @@ class SparseSGD(RowSparseOptimizer):
     the device (every factor multiplied by 0), and the result comes back as a device flag.
 
     On the CPU the update is ``row_kernels``' compiled pass (one read and one write of each
-    row's weight and momentum, written straight into an fp32 device bank); CUDA, or a machine
-    where the kernel cannot be built, runs the same arithmetic as torch ops.
+    row's weight and momentum, written and rounded straight into a device bank); CUDA, or a
+    machine where the kernel cannot be built, runs the same arithmetic as torch ops.
     """
 
     def __init__(
@@ -51,15 +51,15 @@ class SparseSGD(RowSparseOptimizer):
             self._update_eager(rg, apply, on, scale, lr, mom, wd)
             return
         # One compiled pass per row; rows where nothing applies are skipped, so their
-        # gradient needs no masking. An fp32 device bank is written in that same pass.
+        # gradient needs no masking. A device bank is written (and rounded) in that same pass.
         direct = None if rg.full else bank.direct_rows(*(("momentum",) if mom else ()))
         reads = ("momentum",) if mom and not rg.full and direct is None else ()
         for b in self._blocks(rg, apply, on, reads):
             if direct is not None:
                 bank.note_finite(
                     row_kernels.sgd_scatter(
-                        direct[0], direct[1] if mom else None, b.index.storage, b.weight,
-                        b.grad, b.coef, b.on, scale, lr, mom, wd,
+                        direct, b.index.storage, b.weight, b.grad, b.coef, b.on, scale, lr, mom,
+                        wd,
                     )
                 )  # fmt: skip
                 continue

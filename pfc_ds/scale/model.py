@@ -47,8 +47,8 @@ class HeadSpec:
     rank: int = 0  # the largest shard is rank 0's
     grad_accum: int = 1  # micro-batches per optimizer step: one sample for all of them
     device: str = "cuda"  # where the head computes (a CPU rounds in smaller passes)
-    # On a CPU: SparseSGD runs its compiled row kernel (``row_kernels``), which writes an fp32
-    # device bank directly and needs no momentum block; False where it cannot be built.
+    # On a CPU: SparseSGD runs its compiled row kernel (``row_kernels``), which writes a device
+    # bank directly and needs no momentum block; False where it cannot be built.
     cpu_kernel: bool = True
 
     @property
@@ -99,19 +99,20 @@ def head_bytes(h: HeadSpec) -> dict[str, int]:
     ws += slots * blk * d * 4 if row != 4 else 0  # "weight_block{slot}": fp32 copies of half rows
     # Bank staging: "gather" (the forward's half rows, the optimizer's half states; a device
     # bank's), "store" (stochastically rounded rows) and "rounding_bits" (their int32 bits).
+    # SparseSGD's compiled CPU kernel reads and writes (and rounds) a device bank's rows itself:
+    # no momentum block, no staging for its states, no rounding buffers.
+    direct = h.optimizer == "sgd" and h.device == "cpu" and h.cpu_kernel and h.bank == "device"
     if h.bank == "device":
         gather_rows = max(
             min(s, staged) if not whole and row != store else 0,
-            min(blk, staged) if half_state and not full else 0,
+            min(blk, staged) if half_state and not full and not direct else 0,
         )
         ws += gather_rows * d * 2
-    rounds = (store != 4 or half_state) and not full
+    rounds = (store != 4 or half_state) and not full and not direct
     ws += blk * d * 2 if rounds else 0
     ws += scratch_elements(blk, d, h.device) * 4 if rounds else 0
     if h.optimizer == "sgd":
-        # "momentum{slot}" (SparseSGD), but for the compiled kernel's direct writes
-        direct = h.device == "cpu" and h.cpu_kernel and h.bank == "device" and store == mom == 4
-        ws += 0 if full or direct else slots * blk * d * 4
+        ws += 0 if full or direct else slots * blk * d * 4  # "momentum{slot}" (SparseSGD)
     else:  # "exp_avg{slot}", "exp_avg_sq{slot}", "steps{slot}", "adam_denom"
         ws += slots * (2 * blk * d * 4 + blk * 4) + blk * d * 4
     chunk = h.chunk or chunk_size(nb, s)
