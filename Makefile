@@ -10,7 +10,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/python -m pfc_ds.train.distributed  # DeepSpeed's CPU comm op and the head's row kernel, compiled once per venv
+	$(BIN)/python -m pfc_ds.train.distributed  # DeepSpeed's CPU comm op and the head's CPU kernels, compiled once per venv
 	touch $@
 
 train: $(BIN)/.installed

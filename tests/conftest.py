@@ -32,3 +32,21 @@ def pytest_report_header(config) -> str | None:
     if collect_ignore:
         return f"nvidia.dali does not import: not collected: {', '.join(collect_ignore)}"
     return None
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["kernels", "eager"])
+def head_ops(request, monkeypatch):
+    """Runs a test twice: with the head's compiled CPU kernels and with the eager ops that a GPU
+    runs (``PFC_DS_CPU_KERNELS=eager`` also reaches the ranks a test spawns), so the path no
+    CPU would otherwise take stays checked against the same references."""
+    from pfc_ds.head import cpu_kernels
+
+    if request.param == "eager":
+        monkeypatch.setenv(cpu_kernels.ENV, "eager")
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *tensors: False)
+    elif cpu_kernels.load() is None:
+        pytest.skip("no C++ compiler: the eager ops are the only ones")
+    return request.param

@@ -15,6 +15,8 @@ from tests import reference as ref
 from tests.audit import SyncAudit
 from tests.dist import run_distributed
 
+pytestmark = pytest.mark.usefixtures("head_ops")  # compiled kernels and eager ops
+
 C, D = 37, 16  # C % 4 != 0: uneven shards
 # A large t_alpha (the statistics move visibly) and h (scalers reach their clip at 1).
 S, M, H, T_ALPHA = 32.0, 0.4, 1.5, 0.3

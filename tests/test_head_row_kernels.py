@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import pfc_ds
-from pfc_ds.head import row_kernels
+from pfc_ds.head import cpu_kernels, row_kernels
 from pfc_ds.head.bank import DirectRows
 from pfc_ds.head.rounding import step_key, stochastic_round
 
 pytestmark = pytest.mark.skipif(
-    row_kernels.load() is None, reason="no C++ compiler: the eager update is the only one"
+    cpu_kernels.load() is None, reason="no C++ compiler: the eager update is the only one"
 )
 
 N, D, S = 300, 24, 90
@@ -93,11 +93,11 @@ def test_half_scatter_rounds_with_the_banks_own_bits(store, mom_dtype, dim, f16c
     so the rounding's row ids are the global ones), with F16C's conversions and without, on
     whole vectors of 8 and with a tail."""
     mom_dtype = store if mom_dtype == "same" else mom_dtype
-    was = row_kernels.load().set_f16c(f16c)
+    was = cpu_kernels.load().set_f16c(f16c)
     try:
         _half_scatter(store, mom_dtype, dim)
     finally:
-        row_kernels.load().set_f16c(was)
+        cpu_kernels.load().set_f16c(was)
 
 
 def _half_scatter(store, mom_dtype, dim):
@@ -181,7 +181,7 @@ def _train(monkeypatch, compiled: bool, dtype=torch.float32, rate=0.3):
     """Five SGD steps at a loss scale; returns the weights, momenta and the kernels called."""
     calls = []
     monkeypatch.setattr(
-        row_kernels, "usable", lambda *t: compiled and row_kernels.load() is not None
+        cpu_kernels, "usable", lambda *t: compiled and cpu_kernels.load() is not None
     )
     for name in ("sgd_scatter", "sgd_block_"):
         real = getattr(row_kernels, name)
@@ -227,14 +227,14 @@ def test_an_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
         raise OSError("no C++ compiler found")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
-    monkeypatch.setattr(row_kernels, "_tried", False)
-    monkeypatch.setattr(row_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
     with caplog.at_level(logging.WARNING):
-        assert row_kernels.load() is None
-        assert row_kernels.load() is None
-    warnings = [r for r in caplog.records if "kernel not available" in r.getMessage()]
+        assert cpu_kernels.load() is None
+        assert cpu_kernels.load() is None
+    warnings = [r for r in caplog.records if "CPU kernels are not available" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0].getMessage()
-    assert not row_kernels.usable(torch.zeros(1))
+    assert not cpu_kernels.usable(torch.zeros(1))
     head = pfc_ds.PartialFC(pfc_ds.CombinedMarginLoss(32.0, 1.0, 0.0, 0.3), 8, 50)
     opt = pfc_ds.SparseSGD(head, 0.1, 0.9)
     before = head.weight.clone()
@@ -244,7 +244,7 @@ def test_an_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
 
 
 def test_eager_is_chosen_by_the_environment(monkeypatch):
-    monkeypatch.setenv("PFC_DS_ROW_KERNELS", "eager")
-    monkeypatch.setattr(row_kernels, "_tried", False)
-    monkeypatch.setattr(row_kernels, "_loaded", None)
-    assert row_kernels.load() is None
+    monkeypatch.setenv("PFC_DS_CPU_KERNELS", "eager")
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    assert cpu_kernels.load() is None

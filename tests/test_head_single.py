@@ -8,6 +8,8 @@ import torch
 import pfc_ds
 from tests import reference as ref
 
+pytestmark = pytest.mark.usefixtures("head_ops")  # compiled kernels and eager ops
+
 C, D, B = 64, 16, 24
 TOL = 1e-5
 MARGINS = {"arcface": (64.0, 0.5, 0.0), "cosface": (64.0, 0.0, 0.4), "combined": (32.0, 0.3, 0.2)}

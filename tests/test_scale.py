@@ -11,7 +11,7 @@ import torch
 
 import pfc_ds
 from pfc_ds.head import bank as bank_module
-from pfc_ds.head import partial_fc, row_kernels
+from pfc_ds.head import cpu_kernels, partial_fc
 from pfc_ds.scale import __main__ as cli
 from pfc_ds.scale.model import BackboneSpec, HeadSpec, backbone_bytes, head_bytes, max_ids, predict
 from pfc_ds.scale.report import fit_per_row
@@ -87,7 +87,7 @@ def test_head_terms_equal_live_buffers(store, gemm, opt, rate, mom, blocks, micr
         chunk=50,
         grad_accum=micro,
         device="cpu",
-        cpu_kernel=row_kernels.load() is not None,
+        cpu_kernel=cpu_kernels.load() is not None,
     )
     model = head_bytes(spec)
     assert head.memory() == {k: model[k] for k in ("bank", "optimizer_state", "workspace")}

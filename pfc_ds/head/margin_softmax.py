@@ -36,8 +36,10 @@ from typing import Protocol
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import increment_version
 
 from pfc_ds import phases
+from pfc_ds.head import cpu_kernels
 from pfc_ds.head.adaface import AdaFace
 from pfc_ds.head.collectives import ProcessGroup, gather_stats
 from pfc_ds.head.margins import CombinedMarginLoss
@@ -52,6 +54,12 @@ _FLOOR = -1e30
 # finite value is 65504; the headroom keeps the cast of a rounded-up value finite).
 _HALF_LIMIT = 2.0**14
 _OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=fp32) works there
+_NO_MASK = torch.empty(0, dtype=torch.bool)  # the kernels' "every column is in the loss"
+
+
+def _kernels(emb: torch.Tensor):
+    """The compiled per-chunk passes for CPU tensors (``cpu_kernels``), else ``None``: eager."""
+    return cpu_kernels.load() if cpu_kernels.usable(emb) else None
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,6 +94,8 @@ class GradSink(Protocol):
 
     grad: torch.Tensor | None
     coef: torch.Tensor | None
+    bound: torch.Tensor | None  # 0-dim: an upper bound on |grad| (inf/NaN: not finite)
+    bound_at: tuple[int, int]  # (grad, coef) versions the bound was left at
     open: bool
 
     def grad_buffer(self) -> torch.Tensor: ...
@@ -133,13 +143,20 @@ class _Chunks:
     def rows_of(self, c0: int, c1: int) -> torch.Tensor:
         return self.operand(self.rows[c0:c1])
 
-    def cosine(self, c0: int, c1: int, name: str) -> torch.Tensor:
-        """``(N, c1 - c0)`` fp32 cosines in workspace buffer ``name``."""
+    def dots(self, c0: int, c1: int, name: str) -> torch.Tensor:
+        """``(N, c1 - c0)`` fp32 dot products ``e_i . w_j`` in workspace buffer ``name``."""
         out = self.ws.get(name, (self.emb.shape[0], c1 - c0), torch.float32)
         with phases.span("head/gemm"):
-            _mm32(self.emb, self.rows_of(c0, c1).t(), out=out)
+            return _mm32(self.emb, self.rows_of(c0, c1).t(), out=out)
+
+    def cosine(self, c0: int, c1: int, name: str) -> torch.Tensor:
+        """``(N, c1 - c0)`` fp32 cosines in workspace buffer ``name``."""
         bound = self.margin.cos_bound
-        return out.mul_(self.inv_norm[c0:c1]).clamp_(-bound, bound)
+        return self.dots(c0, c1, name).mul_(self.inv_norm[c0:c1]).clamp_(-bound, bound)
+
+    def active_of(self, c0: int, c1: int) -> torch.Tensor:
+        """The chunk's column mask for the kernels (empty: all columns)."""
+        return _NO_MASK if self.active is None else self.active[c0:c1]
 
     def clamped(self, cos: torch.Tensor, c0: int, c1: int) -> torch.Tensor | None:
         """Where a non-target cosine sits on a clamp bound below 1 (AdaFace's 1 - 1e-3): its
@@ -235,7 +252,15 @@ class _ChunkedMarginCE(torch.autograd.Function):
         n = emb.shape[0]
         run_max = torch.full((n,), _FLOOR, device=emb.device)
         run_sum = torch.zeros(n, device=emb.device)
+        kernels = _kernels(emb)
         for c0, c1 in c.ranges():
+            if kernels is not None:  # one pass: cosines in place, running max and sum-exp
+                kernels.margin_forward(
+                    c.dots(c0, c1, "block"), inv_norm[c0:c1], target, c0, c.active_of(c0, c1),
+                    t_logit, run_max, run_sum, margin.s, margin.cos_bound,
+                    margin.interclass_filtering_threshold,
+                )  # fmt: skip
+                continue
             cos = c.cosine(c0, c1, "block")
             logits, _ = c.logits(cos, c0, c1, t_logit)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
@@ -270,17 +295,36 @@ class _ChunkedMarginCE(torch.autograd.Function):
         fresh = sink.grad is None
         coefs = sink.coef_buffer() if fresh else sink.coef
         grad_emb = torch.zeros(n, emb.shape[1], device=emb.device)
-        lse = torch.log(sum_exp).add_(row_max)[:, None]  # softmax = exp(logit - lse): one pass
+        lse = torch.log(sum_exp).add_(row_max)  # softmax = exp(logit - lse): one pass
         step = grad_loss * (s / n)
+        kernels = _kernels(emb)
+        if kernels is not None:  # N-vectors as the kernel reads them (d_margin may be expanded)
+            d_margin, t_logit, lse = (x.float().contiguous() for x in (d_margin, t_logit, lse))
+        amax = None  # max |dL/dcos * r| over the chunks: bounds |dL/drows| (Window.grad_is_finite)
         for c0, c1 in c.ranges():
-            if ctx.kept is not None and ws.uses("block") == ctx.kept:
+            kept = ctx.kept is not None and ws.uses("block") == ctx.kept
+            if kernels is not None:  # one pass: dL/dcos * r, the coefficients and max |.|
+                block = ws.get("block", (n, c1 - c0), torch.float32) if kept else None
+                grad_r = ws.get("block_grad", (n, c1 - c0), torch.float32)
+                a = kernels.margin_backward(
+                    block if kept else c.dots(c0, c1, "block"), grad_r, not kept,
+                    inv_norm[c0:c1], step, target, c0, c.active_of(c0, c1), t_logit, lse,
+                    d_margin, s, ctx.margin.cos_bound, ctx.margin.interclass_filtering_threshold,
+                    coefs[c0:c1], not fresh,
+                )  # fmt: skip
+                increment_version(coefs)  # written in C++: the finite check's cache must see it
+                amax = a if amax is None else torch.maximum(amax, a)
+                with phases.span("head/gemm"):
+                    c.backward_gemms(grad_r, c0, c1, grad_emb, grad_rows[c0:c1], fresh)
+                continue
+            if kept:
                 cos = ws.get("block", (n, c1 - c0), torch.float32)  # forward's, intact
             else:
                 cos = c.cosine(c0, c1, "block")
             logits, dirty = c.logits(cos, c0, c1, t_logit)
             # dL/dlogit = (softmax - onehot) * grad / N, then dL/dcos = s * that, times the
             # margin's derivative on the target column; filtered entries get none.
-            probs = logits.sub_(lse).exp_()
+            probs = logits.sub_(lse[:, None]).exp_()
             col, inside = c.target_cols(c0, c1)
             picked = probs.gather(1, col)
             probs.scatter_(1, col, torch.where(inside, (picked - 1.0) * d_margin[:, None], picked))
@@ -291,6 +335,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 probs.masked_fill_(clamped, 0.0)
             r = inv_norm[c0:c1]
             grad_r = probs.mul_(r * step)  # dL/dcos * r, in one pass
+            a = torch.linalg.vector_norm(grad_r, float("inf"))
+            amax = a if amax is None else torch.maximum(amax, a)
             # -r_j^2 sum_i dL/dcos_ij cos_ij, the normalisation's term, for the optimizer.
             coef = cos.mul_(grad_r).sum(dim=0).mul_(r).neg_()
             if fresh:
@@ -299,7 +345,14 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 coefs[c0:c1] += coef
             with phases.span("head/gemm"):
                 c.backward_gemms(grad_r, c0, c1, grad_emb, grad_rows[c0:c1], fresh)
-        sink.grad, sink.coef = grad_rows, coefs
+        # |dL/drows| <= N max|g| max|e| entry by entry (fp32 accumulation stays within a few
+        # ulps of it): where that bound is finite the GEMM's sums cannot have overflowed, so
+        # the window's finite check reads this number and the S coefficients, not S x D.
+        bound = amax * (n * torch.linalg.vector_norm(c.emb, float("inf")).float())
+        if not fresh:
+            bound = None if sink.bound is None else sink.bound + bound
+        sink.grad, sink.coef, sink.bound = grad_rows, coefs, bound
+        sink.bound_at = (grad_rows._version, coefs._version)
         return grad_emb, None, None, None, None, None, None, None, None, None
 
 

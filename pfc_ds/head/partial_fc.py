@@ -32,6 +32,10 @@ from pfc_ds.head.sampler import ClassSampler
 from pfc_ds.head.sharding import shard_range
 from pfc_ds.head.workspace import Workspace
 
+# Backward's bound on the row gradient's entries up to which they are known finite: a quarter
+# of fp32's largest value, headroom for the GEMM's rounding and the half operand's.
+GRAD_BOUND = 2.0**126
+
 _META_KEYS = ("num_classes", "world_size", "rank", "class_start", "num_local", "embedding_size")
 _STATE_KEYS = ("weight", *ROW_STATES, "rng", "rounding_rng", "meta")
 
@@ -67,6 +71,8 @@ class Window:
     open: bool = True  # False once the head dropped it: a late backward must not add to it
     grad: torch.Tensor | None = None
     coef: torch.Tensor | None = None
+    bound: torch.Tensor | None = None  # backward's bound on |grad| (see grad_is_finite)
+    bound_at: tuple[int, int] = (-1, -1)  # the (grad, coef) versions it holds for
     _finite: tuple[tuple[int, int], torch.Tensor | None] = ((-1, -1), None)  # versions, flag
 
     def grad_buffer(self) -> torch.Tensor:
@@ -95,14 +101,23 @@ class Window:
         return self.rows
 
     def grad_is_finite(self) -> torch.Tensor:
-        """A 0-dim bool on the device (never read back here): one sum per gradient version, as
-        inf and NaN propagate through it and row gradients are far below the ~1e30 mean
-        magnitude at which an fp32 sum of S x D terms could overflow."""
+        """A 0-dim bool on the device (never read back here), computed once per gradient
+        version. Backward leaves a bound on every entry of ``grad`` (``N max|dL/dcos r|
+        max|e|``, summed over the window's backwards): where it is at most ``GRAD_BOUND`` (a
+        quarter of fp32's largest value) no entry can be inf or NaN, and only the ``S``
+        coefficients are summed, not the ``S x D`` gradient. A gradient changed since backward
+        (its version moved) is summed whole, as inf and NaN propagate through a sum (row
+        gradients are far below the ~1e30 mean magnitude at which it could overflow). A finite
+        gradient above the bound, which no real step comes near, reads as not finite."""
         if self.grad is None:
             return torch.ones((), dtype=torch.bool, device=self.index.device)
         version = (self.grad._version, self.coef._version)
         if self._finite[0] != version or self._finite[1] is None:
-            self._finite = (version, torch.isfinite(self.grad.sum() + self.coef.sum()))
+            if self.bound is not None and self.bound_at == version:
+                ok = (self.bound <= GRAD_BOUND) & torch.isfinite(self.coef.sum())
+            else:
+                ok = torch.isfinite(self.grad.sum() + self.coef.sum())
+            self._finite = (version, ok)
         return self._finite[1]
 
 

@@ -9,12 +9,8 @@ bank directly, for a device bank, rounding fp16/bf16 with ``rounding``'s bits), 
 check in the same pass. At 1M ids x 512 and 100k sampled rows on two cores the update takes a
 quarter of the eager time (``BENCHMARKS.md``).
 
-The extension is compiled once per venv (``python -m pfc_ds.train.distributed``, the Makefile's
-setup step, builds it beside DeepSpeed's CPU comm op; about 30 s) into
-``<venv>/torch_extensions``; a process that finds it missing builds it on first use. Where it
-cannot be built or loaded (no compiler, a read-only venv) or ``PFC_DS_ROW_KERNELS=eager`` is
-set, the optimizer runs the eager update, with one log line saying why. The kernel is used for
-CPU tensors only: CUDA runs the eager ops.
+The kernel is one of the head's compiled CPU kernels (``cpu_kernels``: built once per venv,
+eager fallback where it cannot be); CUDA runs the eager ops.
 
 Both kernels compute the same arithmetic element by element (contraction into FMAs is off), and
 the scatter's stochastic rounding reproduces ``rounding.stochastic_round`` bit for bit, so a bank
@@ -24,70 +20,10 @@ bank updated by the scatter stay bit-identical to each other, as the eager paths
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
 from pfc_ds.head.bank import DirectRows
-
-log = logging.getLogger(__name__)
-
-NAME = "pfc_ds_row_sgd"
-SOURCE = Path(__file__).with_name("csrc") / "row_sgd.cpp"
-FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no -march=native: a venv may move hosts
-_ENV = "PFC_DS_ROW_KERNELS"
-
-_loaded: ModuleType | None = None
-_tried = False
-
-
-def build_directory() -> Path:
-    """Where the compiled kernel lives: ``$TORCH_EXTENSIONS_DIR`` or ``<venv>/torch_extensions``
-    (one build per venv, as for DeepSpeed's CPU comm op)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
-    return Path(root) / NAME
-
-
-def load(verbose: bool = False) -> ModuleType | None:
-    """The compiled kernels (built on first use if need be), or ``None`` where they cannot be
-    had; tried once per process."""
-    global _loaded, _tried
-    if _tried:
-        return _loaded
-    _tried = True
-    if os.environ.get(_ENV, "").lower() == "eager":
-        log.info("%s=eager: the row-sparse SGD update runs eager ops", _ENV)
-        return None
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        out = build_directory()
-        out.mkdir(parents=True, exist_ok=True)
-        _loaded = load_extension(
-            NAME,
-            [str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(out),
-            verbose=verbose,
-        )
-    except Exception as e:  # no compiler, no ninja, a read-only venv: the eager update works
-        log.warning(
-            "row-sparse SGD kernel not available (%s: %s); the eager update runs instead",
-            type(e).__name__,
-            str(e).strip().splitlines()[-1] if str(e).strip() else "",
-        )
-        _loaded = None
-    return _loaded
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels can take these tensors: all on the CPU, and built."""
-    return all(t.device.type == "cpu" for t in tensors) and load() is not None
+from pfc_ds.head.cpu_kernels import load
 
 
 def _scale(scale: torch.Tensor | float) -> torch.Tensor:

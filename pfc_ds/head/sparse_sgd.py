@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pfc_ds.head import row_kernels
+from pfc_ds.head import cpu_kernels, row_kernels
 from pfc_ds.head.partial_fc import RowGrads
 from pfc_ds.head.row_optimizer import RowSparseHead, RowSparseOptimizer
 
@@ -47,7 +47,7 @@ class SparseSGD(RowSparseOptimizer):
         bank = self.head.bank
         if mom:
             bank.ensure_state("momentum")
-        if not row_kernels.usable(rg.grad):
+        if not cpu_kernels.usable(rg.grad):
             self._update_eager(rg, apply, on, scale, lr, mom, wd)
             return
         # One compiled pass per row; rows where nothing applies are skipped, so their

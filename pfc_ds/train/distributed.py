@@ -219,20 +219,20 @@ def use_venv_extension_cache() -> None:
 
 def prebuild_ops() -> None:
     """Compile the CPU comm op (a no-op on a GPU machine, which does not use it) and the head's
-    CPU row kernel now, not in a run's first step."""
+    CPU kernels now, not in a run's first step."""
     use_venv_extension_cache()
     from deepspeed.accelerator import get_accelerator
 
-    from pfc_ds.head import row_kernels
+    from pfc_ds.head import cpu_kernels
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         builder.load(verbose=False)
         print(f"built {builder.absolute_name()} in {os.environ['TORCH_EXTENSIONS_DIR']}")
-    if row_kernels.load() is not None:
-        print(f"built {row_kernels.NAME} in {row_kernels.build_directory()}")
+    if cpu_kernels.load() is not None:
+        print(f"built {cpu_kernels.NAME} in {cpu_kernels.build_directory()}")
     else:
-        print("the head's row kernel could not be built: SparseSGD runs its eager update")
+        print("the head's CPU kernels could not be built: the head runs eager ops")
 
 
 def _uses_shm_comm() -> bool:

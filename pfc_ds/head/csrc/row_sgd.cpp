@@ -26,6 +26,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
+
+namespace pfc_ds {
 namespace {
 
 constexpr int64_t kGrain = 32;  // rows per task: 32 x 512 fp32 = 64 KB per tensor
@@ -77,6 +80,8 @@ void check_vec(const torch::Tensor& x, int64_t R, const char* name) {
               name, " must be a contiguous CPU float32 tensor of ", R, " values or one");
 }
 
+}  // namespace
+
 // Rows updated where they are: w [R, D] and m [R, D] (or an empty tensor: no momentum) in
 // place; g [R, D]; coef [R]; on [R] or one value (0 or 1).
 void sgd_block(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor coef,
@@ -103,6 +108,8 @@ void sgd_block(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor 
     }
   });
 }
+
+namespace {
 
 // ---- stochastic rounding, bit for bit as pfc_ds/head/rounding.py computes it ----------------
 
@@ -350,6 +357,8 @@ bool scatter_rows(typename Storage<TW>::Bits* BW, typename Storage<TM>::Bits* BM
   return finite.load();
 }
 
+}  // namespace
+
 torch::Tensor sgd_scatter(torch::Tensor bank_w, torch::Tensor bank_m, torch::Tensor idx,
                           torch::Tensor w, torch::Tensor g, torch::Tensor coef, torch::Tensor on,
                           torch::Tensor scale, double lr, double momentum, double wd,
@@ -407,8 +416,6 @@ torch::Tensor sgd_scatter(torch::Tensor bank_w, torch::Tensor bank_m, torch::Ten
   return torch::scalar_tensor(ok, torch::kBool);
 }
 
-}  // namespace
-
 // Turn the F16C path off or back on (where the CPU has it); returns whether it was on.
 bool set_f16c(bool on) {
 #ifdef PFC_F16C
@@ -421,8 +428,4 @@ bool set_f16c(bool on) {
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgd_block", &sgd_block, "row-sparse momentum SGD on rows in place");
-  m.def("sgd_scatter", &sgd_scatter, "row-sparse momentum SGD written into the bank's rows");
-  m.def("set_f16c", &set_f16c, "use F16C's conversions for fp16 rows (where the CPU has them)");
-}
+}  // namespace pfc_ds
