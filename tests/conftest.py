@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 DALI_TEST_FILES = [
     "test_data_check_pack.py",
     "test_data_index.py",
@@ -32,9 +34,6 @@ def pytest_report_header(config) -> str | None:
     if collect_ignore:
         return f"nvidia.dali does not import: not collected: {', '.join(collect_ignore)}"
     return None
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(params=["kernels", "eager"])

@@ -300,7 +300,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
         kernels = _kernels(emb)
         if kernels is not None:  # N-vectors as the kernel reads them (d_margin may be expanded)
             d_margin, t_logit, lse = (x.float().contiguous() for x in (d_margin, t_logit, lse))
-        amax = None  # max |dL/dcos * r| over the chunks: bounds |dL/drows| (Window.grad_is_finite)
+        # max |dL/dcos * r| over the chunks: bounds |dL/drows| (Window.grad_is_finite)
+        amax = torch.zeros((), device=emb.device)
         for c0, c1 in c.ranges():
             kept = ctx.kept is not None and ws.uses("block") == ctx.kept
             if kernels is not None:  # one pass: dL/dcos * r, the coefficients and max |.|
@@ -313,7 +314,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     coefs[c0:c1], not fresh,
                 )  # fmt: skip
                 increment_version(coefs)  # written in C++: the finite check's cache must see it
-                amax = a if amax is None else torch.maximum(amax, a)
+                amax = torch.maximum(amax, a)
                 with phases.span("head/gemm"):
                     c.backward_gemms(grad_r, c0, c1, grad_emb, grad_rows[c0:c1], fresh)
                 continue
@@ -336,7 +337,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             r = inv_norm[c0:c1]
             grad_r = probs.mul_(r * step)  # dL/dcos * r, in one pass
             a = torch.linalg.vector_norm(grad_r, float("inf"))
-            amax = a if amax is None else torch.maximum(amax, a)
+            amax = torch.maximum(amax, a)
             # -r_j^2 sum_i dL/dcos_ij cos_ij, the normalisation's term, for the optimizer.
             coef = cos.mul_(grad_r).sum(dim=0).mul_(r).neg_()
             if fresh:
